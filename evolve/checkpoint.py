@@ -1,0 +1,216 @@
+"""Orbax save/restore of the whole System (DESIGN.md §7).
+
+Layout under the state directory:
+  components/<id>/   one orbax checkpoint per component, written once: a
+                     component never changes after it is created;
+  manifest/<step>/   an orbax CheckpointManager step holding a JSON manifest
+                     (paths, populations, tasks, learned mu values inside the
+                     paths' hyperparameters, configuration, component ids
+                     with content hashes, and the caller's `extra` state).
+The manifest is committed last and atomically, so a step is complete or
+absent. Restore checks every component against its content hash and falls
+back to the previous step when one is missing or corrupt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from typing import Any, Mapping
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from evolve.config import SearchConfig
+from evolve.errors import CorruptCheckpointError
+from evolve.system import System, TaskRecord, TaskStatus
+from evolve.types import Component, Path, ViTSize, params_hash, spec_from_dict, spec_to_dict
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+KEEP_MANIFESTS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Written:
+    step: int
+    new_components: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    system: System
+    step: int
+    extra: dict[str, Any]
+
+
+def _components_dir(state_dir: str) -> str:
+    return os.path.join(os.path.abspath(state_dir), "components")
+
+
+def _manager(state_dir: str) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=KEEP_MANIFESTS, enable_async_checkpointing=False, create=True
+    )
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(state_dir), "manifest"), options=options)
+
+
+def _is_complete(directory: str) -> bool:
+    return os.path.isdir(directory) and os.path.exists(os.path.join(directory, "_CHECKPOINT_METADATA"))
+
+
+def write_component(state_dir: str, component: Component) -> bool:
+    """Writes a component once; returns whether it was new."""
+    directory = os.path.join(_components_dir(state_dir), component.id)
+    if _is_complete(directory):
+        return False
+    if os.path.exists(directory):  # a write killed halfway: never read, replace it
+        shutil.rmtree(directory)
+    tree = {"params": component.params}
+    if component.momentum is not None:
+        tree["momentum"] = component.momentum
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory, tree)
+    checkpointer.wait_until_finished()
+    return True
+
+
+def read_component(state_dir: str, meta: Mapping[str, Any], component_id: str) -> Component:
+    directory = os.path.join(_components_dir(state_dir), component_id)
+    if not _is_complete(directory):
+        raise CorruptCheckpointError(f"component {component_id} is missing from {directory}")
+    try:
+        tree = ocp.StandardCheckpointer().restore(directory)
+    except Exception as error:  # orbax raises many kinds on damaged files
+        raise CorruptCheckpointError(f"component {component_id} cannot be read: {error}") from error
+    params = _to_numpy(tree["params"])
+    if params_hash(params) != meta["content_hash"]:
+        raise CorruptCheckpointError(f"component {component_id} fails its content hash")
+    momentum = _to_numpy(tree["momentum"]) if "momentum" in tree else None
+    return Component(
+        id=component_id, name=meta["name"], params=params, origin=meta["origin"], trained=meta["trained"],
+        locked_by=frozenset(meta["locked_by"]), momentum=momentum, content_hash=meta["content_hash"],
+    )
+
+
+def _to_numpy(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def _manifest(system: System, extra: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "config": dataclasses.asdict(system.config),
+        "root_path_id": system.root_path_id,
+        "root_description": system.root_description,
+        "next_id": system.next_id,
+        "id_prefix": system.id_prefix,
+        "components": {
+            c.id: {
+                "name": c.name, "origin": c.origin, "trained": c.trained, "locked_by": sorted(c.locked_by),
+                "content_hash": c.content_hash,
+            }
+            for c in system.components.values()
+        },
+        "paths": {p.id: dataclasses.asdict(p) for p in system.paths.values()},
+        "best": dict(system.best),
+        "populations": {t: list(ids) for t, ids in system.populations.items()},
+        "tasks": {
+            name: {
+                "spec": spec_to_dict(r.spec), "status": r.status.value, "num_classes": r.num_classes,
+                "class_names": list(r.class_names), "message": r.message,
+            }
+            for name, r in system.tasks.items()
+        },
+        "extra": dict(extra),
+    }
+
+
+def save(system: System, state_dir: str, *, extra: Mapping[str, Any] | None = None) -> Written:
+    """Writes new components, then commits a manifest step; returns the step."""
+    new = sum(write_component(state_dir, c) for c in system.components.values())
+    manager = _manager(state_dir)
+    step = (manager.latest_step() or 0) + 1
+    manager.save(step, args=ocp.args.Composite(manifest=ocp.args.JsonSave(_manifest(system, extra or {}))))
+    manager.wait_until_finished()
+    _collect_component_files(state_dir, manager)
+    manager.close()
+    return Written(step, new)
+
+
+def _collect_component_files(state_dir: str, manager: ocp.CheckpointManager) -> None:
+    """Deletes component directories that no retained manifest references."""
+    referenced: set[str] = set()
+    for step in manager.all_steps():
+        try:
+            referenced.update(_read_manifest(manager, step)["components"])
+        except Exception:  # an unreadable old step protects nothing
+            logger.warning("manifest step %s unreadable while collecting garbage", step)
+    root = _components_dir(state_dir)
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name not in referenced:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _read_manifest(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    restored = manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))
+    return restored["manifest"]
+
+
+def _system_from_manifest(state_dir: str, manifest: Mapping[str, Any]) -> System:
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CorruptCheckpointError(f"unknown manifest format {manifest.get('format')!r}")
+    config_dict = dict(manifest["config"])
+    config_dict["size"] = ViTSize(**config_dict["size"])
+    config_dict["image_sizes"] = tuple(config_dict["image_sizes"])
+    config = SearchConfig(**config_dict)
+    components = {cid: read_component(state_dir, meta, cid) for cid, meta in manifest["components"].items()}
+    paths = {}
+    for pid, data in manifest["paths"].items():
+        data = dict(data)
+        data["mutations"] = tuple(data["mutations"])
+        paths[pid] = Path(**data)
+    tasks = {
+        name: TaskRecord(
+            spec=spec_from_dict(r["spec"]), status=TaskStatus(r["status"]), num_classes=r["num_classes"],
+            class_names=tuple(r["class_names"]), message=r["message"],
+        )
+        for name, r in manifest["tasks"].items()
+    }
+    return System(
+        config=config, components=components, paths=paths, root_path_id=manifest["root_path_id"],
+        root_description=manifest["root_description"], best=dict(manifest["best"]),
+        populations={t: list(ids) for t, ids in manifest["populations"].items()}, tasks=tasks,
+        next_id=manifest["next_id"], id_prefix=manifest["id_prefix"],
+    )
+
+
+def restore(state_dir: str) -> Restored | None:
+    """The newest complete, intact step; None when there is none at all.
+
+    Raises CorruptCheckpointError when steps exist but none is intact.
+    """
+    if not os.path.isdir(os.path.join(state_dir, "manifest")):
+        return None
+    manager = _manager(state_dir)
+    steps = sorted(manager.all_steps(), reverse=True)
+    errors = []
+    for step in steps:
+        try:
+            manifest = _read_manifest(manager, step)
+            system = _system_from_manifest(state_dir, manifest)
+        except Exception as error:
+            logger.error("checkpoint step %s is unusable (%s); trying the previous one", step, error)
+            errors.append(f"step {step}: {error}")
+            continue
+        manager.close()
+        return Restored(system, step, dict(manifest.get("extra", {})))
+    manager.close()
+    if not steps:
+        return None
+    raise CorruptCheckpointError("no intact checkpoint step: " + "; ".join(errors))

@@ -1,0 +1,169 @@
+"""Configuration as code: named search configurations (DESIGN.md §3).
+
+`get_config(name)` returns a frozen dataclass; variants come from arguments
+(`dataclasses.replace`), never from copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from evolve.types import HyperValue, ViTSize
+
+VIT_SIZES: dict[str, ViTSize] = {
+    # A CPU size for tests and the demo: patch 4 on 16x16 images.
+    "tiny": ViTSize("tiny", patch_size=4, hidden_size=64, num_layers=3, num_heads=4, mlp_dim=128),
+    "Ti/16": ViTSize("Ti/16", patch_size=16, hidden_size=192, num_layers=12, num_heads=3, mlp_dim=768),
+    "S/16": ViTSize("S/16", patch_size=16, hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536),
+    "B/16": ViTSize("B/16", patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
+    "L/16": ViTSize("L/16", patch_size=16, hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096),
+}
+
+# Discrete grids; a mutation moves one step (DESIGN §3.3).
+LEARNING_RATES = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+WARMUP_FRACTIONS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+MOMENTUMS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
+SCHEDULES = ("constant", "cosine", "restarts", "linear")
+ADAPTER_DIMS = (8, 16, 32, 64, 128)
+MU_VALUES = tuple(round(0.02 * i, 2) for i in range(1, 16))  # 0.02 ... 0.30
+CROP_AREAS = (0.05, 0.5, 0.95, 1.0)
+CROP_ASPECTS = (0.5, 0.75, 1.0)
+JITTER_DELTAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+
+# Hyperparameters that feed the data pipeline; sampled once per generation.
+DATA_HPARAMS = (
+    "crop_area",
+    "crop_aspect",
+    "flip",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "jpeg_quality",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """One named configuration: root size, grids in use and search budget."""
+
+    name: str
+    size: ViTSize
+    image_sizes: tuple[int, ...]
+    default_image_size: int
+    population_size: int = 16
+    generations: int = 4
+    candidates_per_generation: int = 2
+    train_rounds: int = 4
+    examples_per_round: int = 51_200
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    scale_factor: float = 1.0  # s of the score; 1.0 = no size penalty
+    params_ref: float = 2.2e9
+    flops_ref: float = 3.8e12
+    adapters: bool = True
+    max_layers: int | None = None  # > size.num_layers allows growth
+    default_mu: float = 0.1
+    default_learning_rate: float = 0.01
+    default_warmup: float = 0.1
+    default_adapter_dim: int = 32
+    validation_examples: int = 10_000
+
+    @property
+    def layer_limit(self) -> int:
+        return self.max_layers or self.size.num_layers
+
+    def default_hparams(self) -> dict[str, HyperValue]:
+        hparams: dict[str, HyperValue] = {
+            "learning_rate": self.default_learning_rate,
+            "schedule": "cosine",
+            "warmup": self.default_warmup,
+            "momentum": 0.9,
+            "nesterov": False,
+            "image_size": self.default_image_size,
+            "adapter_dim": self.default_adapter_dim,
+            "_mu_": self.default_mu,
+            # data augmentation, off by default
+            "crop_area": 1.0,
+            "crop_aspect": 1.0,
+            "flip": False,
+            "brightness": 0.0,
+            "contrast": 0.0,
+            "saturation": 0.0,
+            "hue": 0.0,
+            "jpeg_quality": 0.0,
+        }
+        return hparams
+
+    def hparam_grids(self) -> Mapping[str, tuple]:
+        grids: dict[str, tuple] = {
+            "learning_rate": LEARNING_RATES,
+            "warmup": WARMUP_FRACTIONS,
+            "momentum": MOMENTUMS,
+            "nesterov": (False, True),
+            "image_size": self.image_sizes,
+            "_mu_": MU_VALUES,
+            "crop_area": CROP_AREAS,
+            "crop_aspect": CROP_ASPECTS,
+            "flip": (False, True),
+            "brightness": JITTER_DELTAS,
+            "contrast": JITTER_DELTAS,
+            "saturation": JITTER_DELTAS,
+            "hue": JITTER_DELTAS,
+            "jpeg_quality": JITTER_DELTAS,
+        }
+        if self.adapters:
+            grids["adapter_dim"] = ADAPTER_DIMS
+        return grids
+
+
+def get_config(name: str = "tiny", **overrides) -> SearchConfig:
+    """Returns the named configuration, with keyword overrides applied."""
+    if name == "tiny":
+        config = SearchConfig(
+            name="tiny",
+            size=VIT_SIZES["tiny"],
+            image_sizes=(16,),
+            default_image_size=16,
+            population_size=8,
+            generations=4,
+            candidates_per_generation=2,
+            train_rounds=6,
+            examples_per_round=4096,
+            batch_size=32,
+            eval_batch_size=512,
+            default_learning_rate=0.05,
+            default_warmup=0.05,
+            max_layers=4,
+            default_adapter_dim=16,
+        )
+    elif name in ("Ti/16", "S/16", "B/16"):
+        config = SearchConfig(
+            name=name,
+            size=VIT_SIZES[name],
+            image_sizes=tuple(range(224, 385, 16)),
+            default_image_size=384,
+            generations=16,
+            candidates_per_generation=2,
+            scale_factor=0.99 if name == "B/16" else 1.0,
+            params_ref=2.2e9,
+            flops_ref=3.8e12,
+        )
+    elif name == "L/16":
+        config = SearchConfig(
+            name=name,
+            size=VIT_SIZES[name],
+            image_sizes=tuple(range(224, 385, 16)),
+            default_image_size=384,
+            generations=16,
+            candidates_per_generation=1,
+            scale_factor=0.99,
+            params_ref=2.2e9,
+            flops_ref=3.8e12,
+            default_mu=0.2,
+            default_warmup=0.05,
+        )
+    else:
+        raise ValueError(f"unknown configuration {name!r}; known: tiny, Ti/16, S/16, B/16, L/16")
+    return dataclasses.replace(config, **overrides) if overrides else config

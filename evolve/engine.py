@@ -1,0 +1,650 @@
+"""The engine: runs extension and generalization searches, serves predictions.
+
+Transport-free: the service calls these methods from its job queue and its
+request threads. System mutations happen under one lock; training runs
+outside it on immutable snapshots, so predictions keep flowing during a
+search and a finished search swaps a task's served path atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+import threading
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from evolve import checkpoint
+from evolve.config import SearchConfig
+from evolve.data import TaskData, load_task_data, preprocess_eval
+from evolve.errors import (
+    AlreadyExistsError,
+    CancelledError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from evolve.events import (
+    CandidateAccepted,
+    CandidateScored,
+    CheckpointWritten,
+    Event,
+    EventCallback,
+    GenerationStarted,
+    SearchFinished,
+)
+from evolve.models import cost, root as root_models, vit
+from evolve.search import mutation, scoring, selection
+from evolve.system import System, TaskRecord, TaskStatus
+from evolve.train import loop, steps
+from evolve.types import ROOT_TASK, Component, Path, PathStructure, TaskSpec
+
+logger = logging.getLogger(__name__)
+
+TASK_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+EXTENSION = "extension"
+GENERALIZATION = "generalization"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    data_roots: tuple[str, ...] = ()
+    max_predict_batch: int = 1024
+    max_train_examples: int | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    """An immutable snapshot of a task's served path, on device."""
+
+    path_id: str
+    version: int
+    structure: PathStructure
+    params: Mapping[str, Any]
+    class_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    task: str
+    path_version: int
+    probabilities: np.ndarray  # [batch, classes] float32
+    class_names: tuple[str, ...]
+
+    @property
+    def classes(self) -> np.ndarray:
+        return np.argmax(self.probabilities, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentInfo:
+    name: str
+    id: str
+    locked_by: tuple[str, ...]
+    params: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    status: str
+    spec: TaskSpec
+    num_classes: int
+    class_names: tuple[str, ...]
+    message: str
+    best_score: float | None = None
+    validation_accuracy: float | None = None
+    test_accuracy: float | None = None
+    params: int = 0
+    accounted_params: float = 0.0
+    flops: float = 0.0
+    path_version: int = 0
+    components: tuple[ComponentInfo, ...] = ()
+    shares_with: tuple[str, ...] = ()
+    hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemSummary:
+    num_tasks: int
+    num_components: int
+    total_params: int
+    params_per_task: Mapping[str, float]
+    sharing: Mapping[tuple[str, str], int]  # (task a, task b) -> shared components
+    checkpoint_step: int
+    root_description: str
+    config_name: str
+
+    def dot(self) -> str:
+        """The sharing graph in Graphviz DOT."""
+        lines = ["graph sharing {"]
+        for task in sorted(self.params_per_task):
+            lines.append(f'  "{task}" [label="{task}\\n{self.params_per_task[task]:.3g} params"];')
+        for (a, b), shared in sorted(self.sharing.items()):
+            lines.append(f'  "{a}" -- "{b}" [label="{shared}"];')
+        lines.append("}")
+        return "\n".join(lines)
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """JAX's persistent compilation cache under the state directory."""
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def validate_task_name(name: str, field: str = "spec.name") -> None:
+    if not TASK_NAME_PATTERN.match(name or ""):
+        raise InvalidArgumentError(
+            field, f"{name!r} is not a valid task name: use 1-63 of a-z 0-9 _ . - starting with a letter or digit"
+        )
+
+
+class Engine:
+    """Holds the System; runs searches; predicts."""
+
+    def __init__(
+        self,
+        system: System,
+        *,
+        state_dir: str | None = None,
+        devices: Sequence[jax.Device] | None = None,
+        options: EngineOptions = EngineOptions(),
+        on_event: EventCallback | None = None,
+        checkpoint_step: int = 0,
+    ):
+        self.system = system
+        self.state_dir = state_dir
+        self.devices = list(devices or jax.local_devices())
+        self.options = options
+        self._on_event = on_event
+        self._lock = threading.RLock()
+        self._data: dict[str, TaskData] = {}
+        self._served: dict[str, ServedModel] = {}
+        self._searches_run = 0
+        self.checkpoint_step = checkpoint_step
+        self.restored_extra: dict[str, Any] = {}
+        for task in system.best:
+            self._serve(task)
+
+    # ---- construction ------------------------------------------------------
+
+    @classmethod
+    def create(cls, config: SearchConfig, *, root_npz: str | None = None, **kwargs) -> "Engine":
+        """A new system on a random root of the configuration's size, or a ViT .npz."""
+        seed = kwargs.get("options", EngineOptions()).seed
+        if root_npz:
+            size, params = root_models.load_vit_npz(root_npz, image_size=config.default_image_size)
+            config = dataclasses.replace(config, size=size)
+            trained, description = True, f"vit_npz:{os.path.basename(root_npz)} ({size.name})"
+        else:
+            params = root_models.random_root(
+                config.size, image_size=config.default_image_size, rng=jax.random.key(seed)
+            )
+            trained, description = False, f"random:{config.size.name}"
+        system = System(config=config, components={}, paths={}, root_path_id="", root_description=description)
+        names = {}
+        for name, component_params in params.items():
+            component = Component(
+                id=system.new_id("c"), name=name, params=component_params, origin=ROOT_TASK,
+                trained=trained, locked_by=frozenset({ROOT_TASK}),
+            )
+            system.components[component.id] = component
+            names[name] = component.id
+        root_path = Path(id=system.new_id("p"), task=ROOT_TASK, components=names, hparams=config.default_hparams())
+        system.paths[root_path.id] = root_path
+        system.root_path_id = root_path.id
+        return cls(system, **kwargs)
+
+    @classmethod
+    def restore(cls, state_dir: str, **kwargs) -> "Engine | None":
+        """The engine of the last complete checkpoint under state_dir, or None."""
+        restored = checkpoint.restore(state_dir)
+        if restored is None:
+            return None
+        engine = cls(restored.system, state_dir=state_dir, checkpoint_step=restored.step, **kwargs)
+        engine.restored_extra = restored.extra
+        return engine
+
+    # ---- tasks ---------------------------------------------------------------
+
+    def add_task(self, spec: TaskSpec) -> TaskInfo:
+        """Registers a new task (PENDING) after loading and validating its data."""
+        validate_task_name(spec.name)
+        with self._lock:
+            if spec.name in self.system.tasks:
+                raise AlreadyExistsError("task", spec.name)
+        data = load_task_data(
+            spec, data_roots=self.options.data_roots, max_train_examples=self.options.max_train_examples
+        )
+        with self._lock:
+            if spec.name in self.system.tasks:
+                raise AlreadyExistsError("task", spec.name)
+            self.system.tasks[spec.name] = TaskRecord(
+                spec=spec, num_classes=data.num_classes, class_names=tuple(data.class_names)
+            )
+            self._data[spec.name] = data
+            return self._task_info(spec.name)
+
+    def task(self, name: str) -> TaskInfo:
+        with self._lock:
+            if name not in self.system.tasks:
+                raise NotFoundError("task", name)
+            return self._task_info(name)
+
+    def tasks(self) -> list[TaskInfo]:
+        with self._lock:
+            return [self._task_info(name) for name in sorted(self.system.tasks)]
+
+    def _task_data(self, task: str) -> TaskData:
+        if task not in self._data:
+            spec = self.system.tasks[task].spec
+            self._data[task] = load_task_data(
+                spec, data_roots=self.options.data_roots, max_train_examples=self.options.max_train_examples
+            )
+        return self._data[task]
+
+    # ---- searches ----------------------------------------------------------
+
+    def run_search(
+        self,
+        task: str,
+        kind: str = EXTENSION,
+        *,
+        cancel: threading.Event | None = None,
+        on_event: EventCallback | None = None,
+        seed: int | None = None,
+    ) -> TaskInfo:
+        """Runs one task iteration (extension or generalization search).
+
+        Raises CancelledError when `cancel` is set between steps; the task's
+        served path is then unchanged.
+        """
+        emit = self._emitter(on_event)
+        with self._lock:
+            if task not in self.system.tasks:
+                raise NotFoundError("task", task)
+            record = self.system.tasks[task]
+            if kind == GENERALIZATION and task not in self.system.best:
+                raise FailedPreconditionError("TASK_NOT_READY", f"task {task!r} has no path to generalize yet")
+            if kind == EXTENSION and task in self.system.best:
+                kind = GENERALIZATION
+            if kind == EXTENSION:
+                record.status = TaskStatus.SEARCHING
+            self._searches_run += 1
+            seed = self.options.seed * 1_000_003 + self._searches_run if seed is None else seed
+        try:
+            data = self._task_data(task)
+            best = self._search(task, data, seed=seed, cancel=cancel, emit=emit)
+        except CancelledError:
+            self._abandon_search(task)
+            emit(SearchFinished(task, "", 0.0, 0.0, 0.0, "CANCELLED", "cancelled"))
+            raise
+        except Exception as error:
+            self._abandon_search(task, failed=f"{type(error).__name__}: {error}")
+            emit(SearchFinished(task, "", 0.0, 0.0, 0.0, "FAILED", str(error)))
+            raise
+        emit(SearchFinished(task, best.id, best.score or 0.0, best.quality or 0.0, best.test_accuracy or 0.0,
+                            "SUCCEEDED"))
+        return self.task(task)
+
+    def _emitter(self, on_event: EventCallback | None) -> EventCallback:
+        def emit(event: Event) -> None:
+            for callback in (self._on_event, on_event):
+                if callback is not None:
+                    try:
+                        callback(event)
+                    except Exception:  # a broken listener must not break a search
+                        logger.exception("event callback failed")
+
+        return emit
+
+    def _abandon_search(self, task: str, failed: str | None = None) -> None:
+        with self._lock:
+            record = self.system.tasks[task]
+            if task not in self.system.best:
+                record.status = TaskStatus.FAILED if failed else TaskStatus.PENDING
+                record.message = failed or ""
+            keep = self.system.best_path(task)
+            self.system.populations[task] = [keep.id] if keep else []
+            self.system.collect_garbage()
+
+    def _search(
+        self, task: str, data: TaskData, *, seed: int, cancel: threading.Event | None, emit: EventCallback
+    ) -> Path:
+        config = self.system.config
+        spec = self.system.tasks[task].spec
+        generations = spec.budget.generations or config.generations
+        candidates = spec.budget.candidates_per_generation or config.candidates_per_generation
+        settings = loop.TrainSettings(
+            batch_size=config.batch_size,
+            rounds=spec.budget.train_rounds or config.train_rounds,
+            examples_per_round=spec.budget.examples_per_round or config.examples_per_round,
+            eval_batch_size=config.eval_batch_size,
+        )
+        with self._lock:
+            population = self._start_population(task)
+        for generation in range(generations):
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("search cancelled")
+            emit(GenerationStarted(task, generation, generations, candidates))
+            rng = np.random.default_rng([seed, generation])
+            with self._lock:
+                base = self.system.best_path(task)
+                data_hparams = mutation.sample_data_hparams(
+                    base.hparams if base else config.default_hparams(), config, rng
+                )
+                drafts = [self._draft(task, population, data_hparams, rng) for _ in range(candidates)]
+                plans = [self._plan(task, draft, rng) for draft in drafts]
+            results = loop.train_candidates(
+                [plan for plan, _ in plans], data, settings, data_hparams,
+                seed=int(rng.integers(2**31)), devices=self.devices, cancel=cancel,
+            )
+            with self._lock:
+                for draft, (plan, _), result in zip(drafts, plans, results):
+                    child = self._adopt(task, draft, plan, result, generation)
+                    accepted = child is not None
+                    if accepted:
+                        population.append(child)
+                    parent = self.system.paths.get(draft.parent_id)
+                    quality = max(result.quality, 0.0)
+                    params_count, flops = self._plan_cost(task, plan)
+                    emit(CandidateScored(
+                        task=task, path_id=child.id if child else "", parent_id=draft.parent_id,
+                        parent_task=parent.task if parent else "", generation=generation,
+                        score=plan.score_of_quality(quality), quality=quality,
+                        params=params_count, flops=flops,
+                        mutations=tuple(draft.mutations), accepted_into_population=accepted,
+                        train_seconds=result.train_seconds, compile_seconds=result.compile_seconds,
+                    ))
+                population = selection.prune(population, config.population_size)
+                self.system.populations[task] = [p.id for p in population]
+                self.system.collect_garbage()
+            if population:
+                leader = population[0]
+                emit(CandidateAccepted(task, leader.id, leader.score or 0.0, leader.quality or 0.0))
+        return self._finish(task, population, data, emit)
+
+    def _start_population(self, task: str) -> list[Path]:
+        """A generalization search starts from the served path, re-scored."""
+        best = self.system.best_path(task)
+        if best is None:
+            return []
+        components = self.system.path_components(best)
+        best.accounted_params = scoring.accounted_params(components, task)
+        best.score = scoring.score(best.quality or 0.0, best.accounted_params, best.flops or 0.0, self.system.config)
+        return [best]
+
+    def _draft(
+        self, task: str, population: list[Path], data_hparams: Mapping[str, Any], rng: np.random.Generator
+    ) -> mutation.ChildDraft:
+        parent = selection.select_parent(population, self.system.selectable_paths(), rng)
+        parent.children += 1
+        draft = mutation.mutate(
+            parent, task, lineage=self.system.lineage(parent),
+            component=self.system.components.__getitem__, config=self.system.config, rng=rng,
+        )
+        draft.hparams.update(data_hparams)
+        return draft
+
+    def _structure(self, task: str, hparams: Mapping[str, Any], names: Sequence[str]) -> PathStructure:
+        layers = sum(1 for n in names if n.startswith("encoderblock_"))
+        adapters = tuple(sorted(int(n.rsplit("_", 1)[1]) for n in names if n.startswith("residual_adapter_")))
+        return PathStructure(
+            size=self.system.config.size,
+            num_layers=layers,
+            image_size=int(hparams["image_size"]),
+            num_classes=self.system.tasks[task].num_classes,
+            adapter_layers=adapters,
+            adapter_dim=int(hparams["adapter_dim"]),
+        )
+
+    def _plan(
+        self, task: str, draft: mutation.ChildDraft, rng: np.random.Generator
+    ) -> tuple[loop.CandidatePlan, float]:
+        """Initial parameters of a draft's components: frozen, copied or new."""
+        structure = self._structure(task, draft.hparams, list(draft.sources))
+        expected = cost.abstract_params(structure)
+        trainable, frozen, momentum, frozen_ids = {}, {}, {}, {}
+        keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), len(draft.sources))
+        for key, (name, source) in zip(keys, draft.sources.items()):
+            params = None
+            if source.component_id is not None:
+                component = self.system.components[source.component_id]
+                params = component.params
+                if name == "posembed_input":
+                    tokens = vit.num_tokens(structure.size, structure.image_size)
+                    if params["pos_embedding"].shape[1] != tokens:
+                        params = {"pos_embedding": vit.resize_posembed(params["pos_embedding"], tokens)}
+                        source = mutation.ComponentSource("train", source.component_id)
+                if not _same_shapes(params, expected[name]):
+                    params, source = None, mutation.ComponentSource("new")
+            if params is None:
+                params = vit.init_component(
+                    name, size=structure.size, image_size=structure.image_size,
+                    num_classes=structure.num_classes, adapter_dim=structure.adapter_dim, rng=key,
+                )
+            if source.mode == "frozen":
+                frozen[name] = params
+                frozen_ids[name] = source.component_id
+            else:
+                trainable[name] = params
+                inherited = self.system.components[source.component_id].momentum if source.component_id else None
+                if inherited is not None and _same_shapes(inherited, params):
+                    momentum[name] = inherited
+            draft.sources[name] = source
+        parent = self.system.paths[draft.parent_id]
+        parent_score = parent.score if (parent.task == task and parent.score is not None) else -math.inf
+        plan = loop.CandidatePlan(
+            structure=structure, trainable=trainable, frozen=frozen, momentum=momentum,
+            hparams=draft.hparams, start_score=parent_score, score_of_quality=lambda q: 0.0,
+            frozen_ids=frozen_ids,
+        )
+        params_count, flops = self._plan_cost(task, plan)
+        config = self.system.config
+        plan.score_of_quality = lambda q: scoring.score(q, params_count, flops, config)
+        return plan, parent_score
+
+    def _plan_cost(self, task: str, plan: loop.CandidatePlan) -> tuple[float, float]:
+        frozen_components = [self.system.components[cid] for cid in plan.frozen_ids.values()]
+        own = sum(_num_params(p) for p in plan.trainable.values())
+        accounted = scoring.accounted_params(frozen_components, task) + own
+        return accounted, cost.forward_flops(plan.structure)
+
+    def _adopt(
+        self,
+        task: str,
+        draft: mutation.ChildDraft,
+        plan: loop.CandidatePlan,
+        result: loop.TrainResult,
+        generation: int,
+    ) -> Path | None:
+        """Turns a trained candidate into a population path, or None if it lost."""
+        if result.trainable is None:
+            return None
+        components = {}
+        for name, source in draft.sources.items():
+            if source.mode == "frozen":
+                components[name] = source.component_id
+                continue
+            component = Component(
+                id=self.system.new_id("c"), name=name, params=result.trainable[name], origin=task,
+                trained=True, momentum=result.momentum[name] if result.momentum else None,
+            )
+            self.system.components[component.id] = component
+            components[name] = component.id
+        params_count, flops = self._plan_cost(task, plan)
+        child = Path(
+            id=self.system.new_id("p"), task=task, components=components, hparams=dict(draft.hparams),
+            parent_id=draft.parent_id, score=result.score, quality=result.quality,
+            accounted_params=params_count, flops=flops, mutations=tuple(draft.mutations),
+            generation=generation,
+        )
+        self.system.paths[child.id] = child
+        return child
+
+    def _finish(self, task: str, population: list[Path], data: TaskData, emit: EventCallback) -> Path:
+        """Keeps the single best path, locks it, checkpoints (DESIGN §3.6)."""
+        with self._lock:
+            if not population:
+                raise RuntimeError("the search produced no path")
+            best = selection.prune(population, 1)[0]
+            previous = self.system.best_path(task)
+            if previous is None or best.id != previous.id:
+                best.version = (previous.version if previous else 0) + 1
+                best.test_accuracy = self._test_accuracy(task, best, data)
+                self.system.best[task] = best.id
+                self.system.unlock(task, keep=best)
+                self.system.lock(task, best)
+            self.system.populations[task] = [best.id]
+            record = self.system.tasks[task]
+            record.status, record.message = TaskStatus.READY, ""
+            self.system.collect_garbage()
+            self._serve(task)
+        self.save(emit=emit, task=task)
+        return best
+
+    def _test_accuracy(self, task: str, path: Path, data: TaskData) -> float:
+        structure = self._structure(task, path.hparams, list(path.components))
+        params = {name: self.system.components[cid].params for name, cid in path.components.items()}
+        return loop.evaluate_accuracy({}, params, data.test, structure, self.system.config.eval_batch_size)
+
+    # ---- serving -----------------------------------------------------------
+
+    def _serve(self, task: str) -> None:
+        path = self.system.best_path(task)
+        structure = self._structure(task, path.hparams, list(path.components))
+        params = jax.device_put(
+            {name: self.system.components[cid].params for name, cid in path.components.items()}, self.devices[0]
+        )
+        self._served[task] = ServedModel(
+            path.id, path.version, structure, params, self.system.tasks[task].class_names
+        )
+
+    def predict(self, task: str, images: np.ndarray) -> Prediction:
+        """Class probabilities of a task's served path.
+
+        images: N x H x W x C (C = 1 or 3), uint8 in 0..255 or float in [0, 1].
+        """
+        served = self._served.get(task)  # one dict read: a consistent snapshot
+        if served is None:
+            with self._lock:
+                if task not in self.system.tasks:
+                    raise NotFoundError("task", task)
+            raise FailedPreconditionError("TASK_NOT_READY", f"task {task!r} has no trained path yet")
+        batch = _as_uint8_images(images, self.options.max_predict_batch)
+        inputs = preprocess_eval(batch, served.structure.image_size)
+        bucket = _bucket(len(inputs))
+        padded = np.zeros((bucket,) + inputs.shape[1:], np.float32)
+        padded[: len(inputs)] = inputs
+        probabilities = steps.predict_probabilities(
+            served.params, jax.device_put(padded, self.devices[0]), structure=served.structure
+        )
+        return Prediction(task, served.version, np.asarray(probabilities)[: len(inputs)], served.class_names)
+
+    # ---- checkpoints and inspection -----------------------------------------
+
+    def save(self, *, extra: Mapping[str, Any] | None = None, emit: EventCallback | None = None,
+             task: str = "") -> int:
+        """Writes a checkpoint step under state_dir; returns the step (0 when no state_dir)."""
+        if not self.state_dir:
+            return 0
+        with self._lock:
+            if extra is not None:
+                self.restored_extra = dict(extra)
+            written = checkpoint.save(self.system, self.state_dir, extra=self.restored_extra)
+            self.checkpoint_step = written.step
+        if emit is not None:
+            emit(CheckpointWritten(task, written.step, self.state_dir, written.new_components))
+        return written.step
+
+    def summary(self) -> SystemSummary:
+        with self._lock:
+            system = self.system
+            per_task = {t: float(system.paths[p].accounted_params or 0.0) for t, p in system.best.items()}
+            sharing: dict[tuple[str, str], int] = {}
+            for component in system.components.values():
+                lockers = sorted(component.locked_by)
+                for i, a in enumerate(lockers):
+                    for b in lockers[i + 1 :]:
+                        sharing[(a, b)] = sharing.get((a, b), 0) + 1
+            return SystemSummary(
+                num_tasks=len(system.tasks),
+                num_components=len(system.components),
+                total_params=sum(c.num_params for c in system.components.values()),
+                params_per_task=per_task,
+                sharing=sharing,
+                checkpoint_step=self.checkpoint_step,
+                root_description=system.root_description,
+                config_name=system.config.name,
+            )
+
+    def _task_info(self, name: str) -> TaskInfo:
+        record = self.system.tasks[name]
+        info = TaskInfo(
+            name=name, status=record.status.value, spec=record.spec, num_classes=record.num_classes,
+            class_names=record.class_names, message=record.message,
+        )
+        path = self.system.best_path(name)
+        if path is None:
+            return info
+        components = tuple(
+            ComponentInfo(c.name, c.id, tuple(sorted(c.locked_by)), c.num_params)
+            for c in self.system.path_components(path)
+        )
+        return dataclasses.replace(
+            info, best_score=path.score, validation_accuracy=path.quality, test_accuracy=path.test_accuracy,
+            params=sum(c.params for c in components), accounted_params=path.accounted_params or 0.0,
+            flops=path.flops or 0.0, path_version=path.version, components=components,
+            shares_with=tuple(self.system.tasks_sharing(name)), hparams=dict(path.hparams),
+        )
+
+
+def _num_params(tree) -> int:
+    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+
+
+def _same_shapes(params, expected) -> bool:
+    try:
+        shapes = jax.tree.map(np.shape, params)
+        wanted = jax.tree.map(lambda s: tuple(s.shape), expected)
+        return jax.tree.structure(shapes) == jax.tree.structure(wanted) and jax.tree.leaves(shapes) == jax.tree.leaves(wanted)
+    except Exception:
+        return False
+
+
+def _bucket(n: int) -> int:
+    """Pads predict batches to powers of two so a few executables serve all sizes."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _as_uint8_images(images: np.ndarray, max_batch: int) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise InvalidArgumentError("inputs.shape", f"expected N x H x W x C images, got shape {images.shape}")
+    if images.shape[0] == 0:
+        raise InvalidArgumentError("inputs.shape", "the batch is empty")
+    if images.shape[0] > max_batch:
+        raise ResourceExhaustedError(f"batch of {images.shape[0]} images exceeds the limit of {max_batch}")
+    if images.shape[-1] not in (1, 3):
+        raise InvalidArgumentError("inputs.shape", f"expected 1 or 3 channels, got {images.shape[-1]}")
+    if min(images.shape[1:3]) < 1 or max(images.shape[1:3]) > 4096:
+        raise InvalidArgumentError("inputs.shape", f"image sides must be 1..4096, got {images.shape[1:3]}")
+    if images.dtype == np.uint8:
+        pass
+    elif np.issubdtype(images.dtype, np.floating):
+        if not np.all(np.isfinite(images)) or images.min() < 0.0 or images.max() > 1.0:
+            raise InvalidArgumentError("inputs.contents", "float images must be finite and within [0, 1]")
+        images = np.round(images.astype(np.float32) * 255.0).astype(np.uint8)
+    else:
+        raise InvalidArgumentError("inputs.datatype", f"expected uint8 or float images, got {images.dtype}")
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return images

@@ -1,0 +1,51 @@
+"""Domain errors of the library. The service maps each to one gRPC status
+code in a single place (service/errors.py); the library never imports gRPC."""
+
+from __future__ import annotations
+
+
+class EvolveError(Exception):
+    """Base of every error the library raises on purpose."""
+
+
+class InvalidArgumentError(EvolveError):
+    """Bad input; `field` names the offending field (e.g. 'spec.source.path')."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.description = message
+
+
+class NotFoundError(EvolveError):
+    def __init__(self, kind: str, name: str):
+        super().__init__(f"{kind} {name!r} not found")
+        self.kind = kind
+        self.name = name
+
+
+class AlreadyExistsError(EvolveError):
+    def __init__(self, kind: str, name: str):
+        super().__init__(f"{kind} {name!r} already exists")
+        self.kind = kind
+        self.name = name
+
+
+class ResourceExhaustedError(EvolveError):
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class FailedPreconditionError(EvolveError):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class CancelledError(EvolveError):
+    """A search was cancelled between steps."""
+
+
+class CorruptCheckpointError(EvolveError):
+    """A checkpoint step failed its integrity check."""

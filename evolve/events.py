@@ -1,0 +1,62 @@
+"""Typed events the engine reports while it searches (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Union
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationStarted:
+    task: str
+    generation: int
+    generations: int
+    candidates: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateScored:
+    task: str
+    path_id: str
+    parent_id: str
+    parent_task: str
+    generation: int
+    score: float
+    quality: float
+    params: float
+    flops: float
+    mutations: tuple[str, ...]
+    accepted_into_population: bool
+    train_seconds: float
+    compile_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateAccepted:
+    task: str
+    path_id: str
+    score: float
+    quality: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchFinished:
+    task: str
+    path_id: str
+    score: float
+    quality: float
+    test_accuracy: float
+    state: str  # SUCCEEDED, FAILED or CANCELLED
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointWritten:
+    task: str
+    step: int
+    directory: str
+    new_components: int
+
+
+Event = Union[GenerationStarted, CandidateScored, CandidateAccepted, SearchFinished, CheckpointWritten]
+EventCallback = Callable[[Event], None]

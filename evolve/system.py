@@ -1,0 +1,136 @@
+"""The System: live components, paths, populations and tasks (DESIGN.md §2).
+
+Pure data plus small bookkeeping methods; no JAX arrays, no I/O. The engine
+mutates it under its lock; the checkpoint module saves and restores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Iterable
+
+from evolve.config import SearchConfig
+from evolve.types import ROOT_TASK, Component, Path, TaskSpec
+
+
+class TaskStatus(str, enum.Enum):
+    PENDING = "PENDING"
+    SEARCHING = "SEARCHING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+@dataclasses.dataclass
+class TaskRecord:
+    spec: TaskSpec
+    status: TaskStatus = TaskStatus.PENDING
+    num_classes: int = 0
+    class_names: tuple[str, ...] = ()
+    message: str = ""
+
+
+@dataclasses.dataclass
+class System:
+    config: SearchConfig
+    components: dict[str, Component]
+    paths: dict[str, Path]
+    root_path_id: str
+    root_description: str
+    best: dict[str, str] = dataclasses.field(default_factory=dict)  # task -> path id
+    populations: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = dataclasses.field(default_factory=dict)
+    next_id: int = 0
+    id_prefix: str = ""  # namespaces ids per worker (mu3Net agents)
+
+    # ---- ids -------------------------------------------------------------
+
+    def new_id(self, kind: str) -> str:
+        self.next_id += 1
+        return f"{self.id_prefix}{kind}{self.next_id:06d}"
+
+    # ---- paths -----------------------------------------------------------
+
+    @property
+    def root_path(self) -> Path:
+        return self.paths[self.root_path_id]
+
+    def best_path(self, task: str) -> Path | None:
+        path_id = self.best.get(task)
+        return self.paths[path_id] if path_id else None
+
+    def population(self, task: str) -> list[Path]:
+        return [self.paths[i] for i in self.populations.get(task, [])]
+
+    def selectable_paths(self) -> list[Path]:
+        """Every served path of the system plus the root."""
+        return [self.root_path] + [self.paths[i] for i in self.best.values()]
+
+    def lineage(self, path: Path) -> list[Path]:
+        """The path, its live ancestors (closest first), then the root path."""
+        chain, seen = [], set()
+        current: Path | None = path
+        while current is not None and current.id not in seen:
+            chain.append(current)
+            seen.add(current.id)
+            current = self.paths.get(current.parent_id) if current.parent_id else None
+        if self.root_path_id not in seen:
+            chain.append(self.root_path)
+        return chain
+
+    def path_components(self, path: Path) -> list[Component]:
+        return [self.components[i] for i in path.components.values()]
+
+    # ---- locks and garbage collection ------------------------------------
+
+    def lock(self, task: str, path: Path) -> None:
+        for component in self.path_components(path):
+            component.locked_by = component.locked_by | {task}
+
+    def unlock(self, task: str, keep: Path | None) -> None:
+        """Lifts task's locks on components outside `keep`."""
+        keep_ids = set(keep.components.values()) if keep else set()
+        for component in self.components.values():
+            if task in component.locked_by and component.id not in keep_ids:
+                component.locked_by = component.locked_by - {task}
+
+    def referenced_path_ids(self) -> set[str]:
+        ids = {self.root_path_id, *self.best.values()}
+        for members in self.populations.values():
+            ids.update(members)
+        return ids
+
+    def collect_garbage(self) -> tuple[list[str], list[str]]:
+        """Drops paths no one references, then components no live path uses.
+
+        Paths kept as ancestors only matter for name resolution; a dropped
+        ancestor falls back to the root, as DESIGN §4 allows. Returns the
+        dropped (path ids, component ids).
+        """
+        live_paths = self.referenced_path_ids()
+        dropped_paths = [i for i in self.paths if i not in live_paths]
+        for path_id in dropped_paths:
+            del self.paths[path_id]
+        used = {cid for path in self.paths.values() for cid in path.components.values()}
+        dropped_components = [i for i in self.components if i not in used]
+        for component_id in dropped_components:
+            del self.components[component_id]
+        return dropped_paths, dropped_components
+
+    def tasks_sharing(self, task: str) -> list[str]:
+        """Other tasks (or the root) that lock a component of task's path."""
+        path = self.best_path(task)
+        if path is None:
+            return []
+        others: set[str] = set()
+        for component in self.path_components(path):
+            others |= component.locked_by
+        others.discard(task)
+        return sorted(others)
+
+    def add_components(self, components: Iterable[Component]) -> None:
+        for component in components:
+            self.components[component.id] = component
+
+
+ROOT = ROOT_TASK

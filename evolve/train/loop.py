@@ -1,0 +1,220 @@
+"""Training of a generation's candidates, in lockstep, one per device.
+
+Every candidate's arrays are committed to its own device; the loop dispatches
+step k of every candidate before waiting on any, so JAX's asynchronous
+dispatch runs the per-structure executables concurrently (DESIGN.md §4).
+All candidates of a generation see the same input batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evolve.data import ImageSet, TaskData, batch_iterator, preprocess_eval, preprocess_train
+from evolve.errors import CancelledError
+from evolve.train import optimizer, steps
+from evolve.types import HyperValue, Params, PathStructure
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CandidatePlan:
+    """What to train: initial values of the trainable components, frozen rest."""
+
+    structure: PathStructure
+    trainable: dict[str, Params]
+    frozen: dict[str, Params]
+    momentum: dict[str, Params]  # inherited traces; names missing here start at zero
+    hparams: Mapping[str, HyperValue]
+    start_score: float  # parent's score for a same-task parent, else -inf
+    score_of_quality: Callable[[float], float]
+    frozen_ids: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> component id
+
+
+@dataclasses.dataclass
+class TrainResult:
+    trainable: dict[str, Params] | None  # best snapshot; None when nothing beat start_score
+    momentum: dict[str, Params] | None
+    quality: float
+    score: float
+    steps: int
+    train_seconds: float
+    compile_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    batch_size: int
+    rounds: int
+    examples_per_round: int
+    eval_batch_size: int
+
+    def steps_per_round(self, train_size: int) -> int:
+        return math.ceil(min(train_size, self.examples_per_round) / self.batch_size)
+
+
+_AUGMENTATION_OFF = {"crop_area": 1.0, "flip": False, "brightness": 0.0, "contrast": 0.0,
+                     "saturation": 0.0, "hue": 0.0, "jpeg_quality": 0.0}
+
+
+def augmentation_is_off(data_hparams: Mapping[str, HyperValue]) -> bool:
+    return all(data_hparams.get(k, off) == off for k, off in _AUGMENTATION_OFF.items())
+
+
+class _Batches:
+    """The generation's shared training batches, preprocessed per image size."""
+
+    def __init__(self, train: ImageSet, batch_size: int, data_hparams: Mapping[str, HyperValue], seed: int):
+        self._iterator = batch_iterator(train, batch_size, seed)
+        self._hparams = data_hparams
+        self._rng = np.random.default_rng(seed)
+        self._static = augmentation_is_off(data_hparams)
+        self._train = train
+        self._preprocessed: dict[int, np.ndarray] = {}
+
+    def next(self, image_sizes: Sequence[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        images, labels = next(self._iterator)
+        by_size = {}
+        for size in image_sizes:
+            if self._static:
+                by_size[size] = preprocess_eval(images, size)
+            else:
+                by_size[size] = preprocess_train(images, size, self._hparams, self._rng)
+        return by_size, labels
+
+
+def _padded_eval_batches(images: np.ndarray, labels: np.ndarray, batch: int):
+    for start in range(0, len(images), batch):
+        x, y = images[start : start + batch], labels[start : start + batch]
+        mask = np.ones(batch, bool)
+        if len(x) < batch:
+            mask[len(x) :] = False
+            pad = batch - len(x)
+            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+            y = np.concatenate([y, np.zeros((pad,), y.dtype)])
+        yield x, y, mask
+
+
+def evaluate_accuracy(
+    trainable: Mapping[str, Params],
+    frozen: Mapping[str, Params],
+    image_set: ImageSet,
+    structure: PathStructure,
+    eval_batch_size: int,
+    device: jax.Device | None = None,
+) -> float:
+    """Accuracy of a path's parameters on a whole image set (eval preprocessing)."""
+    images = preprocess_eval(image_set.images, structure.image_size)
+    correct = 0
+    for x, y, mask in _padded_eval_batches(images, image_set.labels, eval_batch_size):
+        x, y, mask = jax.device_put((x, y, mask), device)
+        correct += int(steps.count_correct(trainable, frozen, x, y, mask, structure=structure))
+    return correct / max(len(image_set.labels), 1)
+
+
+class _CandidateState:
+    """Device-resident training state of one candidate."""
+
+    def __init__(self, plan: CandidatePlan, device: jax.Device, total_steps: int, rounds: int):
+        self.plan = plan
+        self.device = device
+        self.nesterov = bool(plan.hparams.get("nesterov", False))
+        self.trainable = jax.device_put(plan.trainable, device)
+        self.frozen = jax.device_put(plan.frozen, device)
+        opt_state = optimizer.make_optimizer(self.nesterov).init(self.trainable)
+        trace = optimizer.momentum_trace(opt_state)
+        inherited = {name: plan.momentum.get(name, trace[name]) for name in trace}
+        self.opt_state = jax.device_put(optimizer.with_momentum_trace(opt_state, inherited), device)
+        self.learning_rates = optimizer.learning_rates(plan.hparams, total_steps, rounds)
+        self.momentum = np.float32(plan.hparams.get("momentum", 0.9))
+        self.best_score = plan.start_score
+        self.best_quality = -math.inf
+        self.best: tuple[dict, dict] | None = None
+        self.compile_seconds = 0.0
+        self.started = time.perf_counter()
+
+    def step(self, step_index: int, images: np.ndarray, labels: np.ndarray) -> None:
+        traces_before = steps.TRACE_COUNTS["train_step"]
+        started = time.perf_counter()
+        images, labels = jax.device_put((images, labels), self.device)
+        self.trainable, self.opt_state, _ = steps.train_step(
+            self.trainable,
+            self.frozen,
+            self.opt_state,
+            images,
+            labels,
+            self.learning_rates[step_index],
+            self.momentum,
+            structure=self.plan.structure,
+            nesterov=self.nesterov,
+        )
+        if steps.TRACE_COUNTS["train_step"] != traces_before:
+            self.compile_seconds += time.perf_counter() - started
+
+    def validate(self, validation: ImageSet, eval_batch_size: int) -> None:
+        quality = evaluate_accuracy(
+            self.trainable, self.frozen, validation, self.plan.structure, eval_batch_size, self.device
+        )
+        score = self.plan.score_of_quality(quality)
+        self.best_quality = max(self.best_quality, quality)
+        if score > self.best_score:
+            self.best_score = score
+            self.best_quality = quality
+            self.best = jax.device_get((self.trainable, optimizer.momentum_trace(self.opt_state)))
+
+    def result(self, total_steps: int) -> TrainResult:
+        trainable, momentum = self.best if self.best is not None else (None, None)
+        quality = self.best_quality if self.best is not None else self.best_quality
+        return TrainResult(
+            trainable=trainable,
+            momentum=momentum,
+            quality=quality,
+            score=self.best_score,
+            steps=total_steps,
+            train_seconds=time.perf_counter() - self.started - self.compile_seconds,
+            compile_seconds=self.compile_seconds,
+        )
+
+
+def train_candidates(
+    plans: Sequence[CandidatePlan],
+    data: TaskData,
+    settings: TrainSettings,
+    data_hparams: Mapping[str, HyperValue],
+    *,
+    seed: int,
+    devices: Sequence[jax.Device] | None = None,
+    cancel: threading.Event | None = None,
+) -> list[TrainResult]:
+    """Trains every plan for settings.rounds rounds, validating after each."""
+    devices = list(devices or jax.local_devices())
+    steps_per_round = settings.steps_per_round(len(data.train.labels))
+    total_steps = steps_per_round * settings.rounds
+    states = [
+        _CandidateState(plan, devices[i % len(devices)], total_steps, settings.rounds)
+        for i, plan in enumerate(plans)
+    ]
+    image_sizes = sorted({plan.structure.image_size for plan in plans})
+    batches = _Batches(data.train, settings.batch_size, data_hparams, seed)
+    step_index = 0
+    for _ in range(settings.rounds):
+        for _ in range(steps_per_round):
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("search cancelled")
+            by_size, labels = batches.next(image_sizes)
+            for state in states:  # dispatch all candidates before waiting on any
+                state.step(step_index, by_size[state.plan.structure.image_size], labels)
+            step_index += 1
+        for state in states:
+            state.validate(data.validation, settings.eval_batch_size)
+    return [state.result(total_steps) for state in states]
