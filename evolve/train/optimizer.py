@@ -68,7 +68,7 @@ def learning_rates(hparams: Mapping[str, HyperValue], total_steps: int, rounds: 
         schedule = optax.join_schedules(
             [
                 optax.linear_schedule(0.0, peak, max(warmup_steps, 1)),
-                optax.linear_schedule(peak, end, max(total_steps - warmup_steps, 1)),
+                optax.linear_schedule(peak, end, max(total_steps - warmup_steps - 1, 1)),
             ],
             [warmup_steps],
         )

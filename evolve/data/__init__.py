@@ -1,0 +1,25 @@
+"""The data layer: task sources (tfds, local npz / image folders, bundled demo
+tasks) loaded into host arrays, and numpy preprocessing (DESIGN.md §3).
+
+Importing this package loads neither TensorFlow, tensorflow_datasets nor
+gRPC; tfds is imported only when a tfds source is loaded.
+"""
+
+from evolve.data.bundled import BUNDLED_TASKS, bundled_task_specs
+from evolve.data.dataset import ImageSet, TaskData
+from evolve.data.loader import load_task_data, validate_task_name
+from evolve.data.npz import write_npz_task
+from evolve.data.preprocess import batch_iterator, preprocess_eval, preprocess_train
+
+__all__ = [
+    "BUNDLED_TASKS",
+    "ImageSet",
+    "TaskData",
+    "batch_iterator",
+    "bundled_task_specs",
+    "load_task_data",
+    "preprocess_eval",
+    "preprocess_train",
+    "validate_task_name",
+    "write_npz_task",
+]

@@ -1,0 +1,152 @@
+"""Validation and conversion of raw image / label arrays into an ImageSet."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from evolve.data.dataset import ImageSet
+from evolve.errors import InvalidArgumentError
+
+logger = logging.getLogger(__name__)
+
+# Seed of every deterministic shuffle of the data layer (splits, subsets).
+SPLIT_SEED = 0
+# Fraction of train used as validation when a local source has none.
+LOCAL_VALIDATION_FRACTION = 0.1
+
+
+def to_uint8_rgb(images: object, field: str, what: str = "images") -> np.ndarray:
+    """Converts N x H x W [x C] images (C = 1 or 3) to uint8 N x H x W x 3.
+
+    Accepted values: any integer dtype within 0..255, or floats in [0, 1]
+    (scaled to 0..255 and rounded). Grayscale is repeated to 3 channels.
+    """
+    if not isinstance(images, np.ndarray):
+        raise InvalidArgumentError(field, f"{what} must be an array")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise InvalidArgumentError(field, f"{what} must be N x H x W or N x H x W x C, got shape {images.shape}")
+    if images.shape[-1] not in (1, 3):
+        raise InvalidArgumentError(field, f"{what} must have 1 or 3 channels, got {images.shape[-1]}")
+    if images.shape[1] < 1 or images.shape[2] < 1:
+        raise InvalidArgumentError(field, f"{what} have an empty spatial size {images.shape[1:3]}")
+    images = _values_to_uint8(images, field, what)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return np.ascontiguousarray(images)
+
+
+def _values_to_uint8(images: np.ndarray, field: str, what: str) -> np.ndarray:
+    """Checks the value range of the dtype family and casts to uint8."""
+    if images.dtype == np.uint8:
+        return images
+    if images.size == 0:
+        return images.astype(np.uint8)
+    if images.dtype == np.bool_ or not np.issubdtype(images.dtype, np.number):
+        raise InvalidArgumentError(field, f"{what} must be uint8 or float, got dtype {images.dtype}")
+    if np.issubdtype(images.dtype, np.integer):
+        if images.min() < 0 or images.max() > 255:
+            raise InvalidArgumentError(field, f"integer {what} must lie in 0..255")
+        return images.astype(np.uint8)
+    if np.issubdtype(images.dtype, np.floating):
+        if not np.all(np.isfinite(images)) or images.min() < 0.0 or images.max() > 1.0:
+            raise InvalidArgumentError(field, f"float {what} must lie in [0, 1]")
+        return np.round(images.astype(np.float32) * 255.0).astype(np.uint8)
+    raise InvalidArgumentError(field, f"{what} must be uint8 or float, got dtype {images.dtype}")
+
+
+def to_labels(labels: object, field: str, what: str = "labels") -> np.ndarray:
+    """Converts labels to a 1-D int32 array of non-negative integers.
+
+    Integer dtypes are accepted, and floats whose values are all integral.
+    Shape N or N x 1.
+    """
+    if not isinstance(labels, np.ndarray):
+        raise InvalidArgumentError(field, f"{what} must be an array")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise InvalidArgumentError(field, f"{what} must be 1-D, got shape {labels.shape}")
+    if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.number):
+        raise InvalidArgumentError(field, f"{what} must be integers, got dtype {labels.dtype}")
+    if labels.size == 0:
+        return labels.astype(np.int32)
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            raise InvalidArgumentError(field, f"{what} must be integers 0..K-1")
+    elif not np.issubdtype(labels.dtype, np.integer):
+        raise InvalidArgumentError(field, f"{what} must be integers, got dtype {labels.dtype}")
+    if labels.min() < 0 or labels.max() > np.iinfo(np.int32).max:
+        raise InvalidArgumentError(field, f"{what} must be integers 0..K-1")
+    return labels.astype(np.int32)
+
+
+def make_image_set(images: object, labels: object, field: str, split: str) -> ImageSet:
+    """Validates and converts one split's arrays."""
+    uint8_images = to_uint8_rgb(images, field, f"{split} images")
+    int_labels = to_labels(labels, field, f"{split} labels")
+    if len(uint8_images) != len(int_labels):
+        raise InvalidArgumentError(
+            field, f"{split}: {len(uint8_images)} images but {len(int_labels)} labels"
+        )
+    return ImageSet(uint8_images, int_labels)
+
+
+def empty_like(image_set: ImageSet) -> ImageSet:
+    """An empty split with the same image shape."""
+    return image_set.take(np.zeros((0,), dtype=np.int64))
+
+
+def split_off_validation(
+    train: ImageSet, field: str, fraction: float = LOCAL_VALIDATION_FRACTION
+) -> tuple[ImageSet, ImageSet]:
+    """Splits a deterministic validation slice off train.
+
+    The train set is permuted with a fixed seed (so that class-sorted files
+    still give a mixed slice); the last `fraction` (at least one example) of
+    that order is validation, the rest stays train in its original order.
+    """
+    n = len(train)
+    n_val = max(1, int(n * fraction))
+    if n - n_val < 1:
+        raise InvalidArgumentError(field, f"train set has {n} example(s): too few to split off a validation set")
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    return train.take(np.sort(order[:-n_val])), train.take(np.sort(order[-n_val:]))
+
+
+def subsample(image_set: ImageSet, max_examples: int | None) -> ImageSet:
+    """A deterministic (seeded) subset of at most `max_examples`, original order."""
+    if max_examples is None or len(image_set) <= max_examples:
+        return image_set
+    keep = np.random.default_rng(SPLIT_SEED).choice(len(image_set), size=max_examples, replace=False)
+    return image_set.take(np.sort(keep))
+
+
+def num_classes_of(splits: Sequence[ImageSet], field: str) -> int:
+    """max label + 1 over all splits; a task needs at least two classes."""
+    num_classes = 1 + max(int(s.labels.max()) for s in splits if len(s))
+    if num_classes < 2:
+        raise InvalidArgumentError(field, "labels must span at least 2 classes (0..K-1 with K >= 2)")
+    return num_classes
+
+
+def stack_images(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Stacks H x W x 3 uint8 images, resizing each to the first one's size."""
+    if not images:
+        raise ValueError("no images to stack")
+    height, width = images[0].shape[:2]
+    out = np.empty((len(images), height, width, 3), dtype=np.uint8)
+    resized = 0
+    for i, image in enumerate(images):
+        if image.shape[:2] != (height, width):
+            image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+            resized += 1
+        out[i] = image
+    if resized:
+        logger.info("resized %d of %d images to %dx%d", resized, len(images), height, width)
+    return out

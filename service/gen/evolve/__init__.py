@@ -1,0 +1,1 @@
+"""Generated from protos/evolve/. Do not edit."""

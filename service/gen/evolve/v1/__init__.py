@@ -1,0 +1,1 @@
+"""Generated from protos/evolve/v1/. Do not edit."""

@@ -1,0 +1,1 @@
+"""Generated from protos/inference/. Do not edit."""

@@ -1,0 +1,200 @@
+"""TensorFlow Datasets sources: mocked mnist and a tiny dataset really prepared on disk."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from evolve.data import load_task_data
+from evolve.errors import InvalidArgumentError
+from evolve.types import TaskSpec, TfdsSource
+
+tfds.disable_progress_bar()
+
+NUM_TRAIN, NUM_TEST = 100, 20
+NAME = "evolve_tiny_tfds_shapes"
+
+
+class EvolveTinyTfdsShapes(tfds.core.GeneratorBasedBuilder):
+    """100 train / 20 test 6x6 RGB images, 3 classes; generated, never downloaded.
+
+    Pixel (0, 0) holds a unique id (train 0..99, test 100..119) and pixel
+    (5, 5) holds 80 * label, so tests can check splits and label pairing.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(6, 6, 3)),
+                    "label": tfds.features.ClassLabel(names=["circle", "square", "star"]),
+                }
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        return {"train": self._generate_examples(0, NUM_TRAIN), "test": self._generate_examples(NUM_TRAIN, NUM_TEST)}
+
+    def _generate_examples(self, first_id, count):
+        rng = np.random.default_rng(first_id)
+        for example_id in range(first_id, first_id + count):
+            label = example_id % 3
+            image = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+            image[0, 0] = example_id
+            image[5, 5] = 80 * label
+            yield example_id, {"image": image, "label": label}
+
+
+@pytest.fixture(scope="module", params=["array_record", "tfrecord"])
+def prepared(request, tmp_path_factory):
+    """A data_dir with the tiny dataset prepared in one file format."""
+    data_dir = tmp_path_factory.mktemp(f"tfds_{request.param}")
+    EvolveTinyTfdsShapes(data_dir=str(data_dir), file_format=request.param).download_and_prepare()
+    return str(data_dir)
+
+
+def _load(data_dir, roots=(), max_train=None, **source_fields):
+    source = TfdsSource(name=NAME, data_dir=data_dir, **source_fields)
+    return load_task_data(TaskSpec("tiny", source), data_roots=roots, max_train_examples=max_train)
+
+
+def _ids(split) -> set[int]:
+    return set(split.images[:, 0, 0, 0].tolist())
+
+
+def _check_pairing(split) -> None:
+    np.testing.assert_array_equal(split.images[:, 5, 5, 0] // 80, split.labels)
+    np.testing.assert_array_equal(split.images[:, 0, 0, 0] % 3, split.labels)
+
+
+# ---- (a) mocked tfds -----------------------------------------------------------
+
+
+def test_mocked_mnist_through_load_task_data():
+    with tfds.testing.mock_data(num_examples=50):
+        data = load_task_data(TaskSpec("mnist", TfdsSource(name="mnist")))
+    assert data.num_classes == 10 and data.class_names == tuple(str(d) for d in range(10))
+    for split in (data.train, data.validation, data.test):
+        assert split.images.shape[1:] == (28, 28, 3) and split.images.dtype == np.uint8
+        assert len(split) > 0 and 0 <= split.labels.min() and split.labels.max() < 10
+    np.testing.assert_array_equal(data.train.images[..., 0], data.train.images[..., 2])  # gray -> RGB
+
+
+def test_mocked_mnist_max_train_and_explicit_splits():
+    with tfds.testing.mock_data(num_examples=40):
+        data = load_task_data(
+            TaskSpec("mnist", TfdsSource(name="mnist", validation_split="test", test_split=None)),
+            max_train_examples=7,
+        )
+    assert len(data.train) == 7 and len(data.validation) == 40 and data.test is data.validation
+
+
+# ---- (b) a dataset prepared on disk ----------------------------------------------
+
+
+def test_default_validation_is_a_slice_of_train(prepared):
+    data = _load(prepared)
+    assert data.num_classes == 3 and data.class_names == ("circle", "square", "star")
+    assert (len(data.train), len(data.validation), len(data.test)) == (98, 2, NUM_TEST)
+    assert not _ids(data.train) & _ids(data.validation)
+    assert _ids(data.train) | _ids(data.validation) == set(range(NUM_TRAIN))
+    assert _ids(data.test) == set(range(NUM_TRAIN, NUM_TRAIN + NUM_TEST))
+    for split in (data.train, data.validation, data.test):
+        assert split.images.shape[1:] == (6, 6, 3)
+        _check_pairing(split)
+
+
+def test_max_train_examples_slices_train(prepared):
+    data = _load(prepared, max_train=10)
+    assert (len(data.train), len(data.validation)) == (10, 2)
+    assert not _ids(data.train) & _ids(data.validation)
+
+
+def test_explicit_validation_and_no_test(prepared):
+    data = _load(prepared, max_train=30, validation_split="test", test_split=None)
+    assert (len(data.train), len(data.validation)) == (30, NUM_TEST) and data.test is data.validation
+
+
+def test_sliced_train_split_without_validation(prepared):
+    data = _load(prepared, train_split="train[:50]")
+    assert (len(data.train), len(data.validation)) == (49, 1)
+    assert _ids(data.train) | _ids(data.validation) <= set(range(NUM_TRAIN))
+    _check_pairing(data.train)
+
+
+def test_deterministic(prepared):
+    first, second = _load(prepared), _load(prepared)
+    np.testing.assert_array_equal(first.train.images, second.train.images)
+    np.testing.assert_array_equal(first.validation.labels, second.validation.labels)
+
+
+def test_data_dir_inside_the_roots(prepared):
+    parent = os.path.dirname(prepared)
+    relative = os.path.basename(prepared)
+    assert len(_load(relative, roots=[parent]).test) == NUM_TEST
+    assert len(_load(None, roots=[prepared]).test) == NUM_TEST  # default data_dir: the first root
+    assert len(_load("", roots=[prepared]).test) == NUM_TEST  # "" (proto default) means not given
+
+
+# ---- (c) bad inputs ------------------------------------------------------------------
+
+
+def _expect(field: str, data_dir=None, match: str | None = None, **source_fields) -> None:
+    with pytest.raises(InvalidArgumentError, match=match) as info:
+        _load(data_dir, **source_fields)
+    assert info.value.field == field
+
+
+def test_unknown_dataset_name(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="unknown tfds dataset") as info:
+        load_task_data(TaskSpec("t", TfdsSource(name="no_such_dataset_evolve", data_dir=str(tmp_path))))
+    assert info.value.field == "source.name"
+
+
+@pytest.mark.parametrize("name", ["", "huggingface:mnist", "../mnist", "mnist name"])
+def test_malformed_dataset_name(name):
+    with pytest.raises(InvalidArgumentError) as info:
+        load_task_data(TaskSpec("t", TfdsSource(name=name)))
+    assert info.value.field == "source.name"
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        (dict(train_split="nope"), "source.train_split"),
+        (dict(train_split="train[:"), "source.train_split"),
+        (dict(validation_split="nope"), "source.validation_split"),
+        (dict(test_split="nope"), "source.test_split"),
+        (dict(test_split="test[5:5]"), "source.test_split"),
+        (dict(label_key="nope"), "source.label_key"),
+        (dict(label_key="image"), "source.label_key"),
+        (dict(image_key="nope"), "source.image_key"),
+        (dict(train_split=""), "source.train_split"),
+    ],
+)
+def test_bad_fields(prepared, fields, field):
+    _expect(field, prepared, **fields)
+
+
+def test_missing_data_dir(tmp_path):
+    _expect("source.data_dir", str(tmp_path / "missing"), match="not a directory")
+
+
+def test_reader_follows_the_file_format(prepared, monkeypatch):
+    """array_record is read by random access (no TensorFlow), tfrecord through tf.data."""
+    from evolve.data import tfds_source
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("wrong reader")
+
+    is_array_record = "array_record" in os.path.basename(prepared)
+    unused = "_examples_tf_data" if is_array_record else "_examples_random_access"
+    monkeypatch.setattr(tfds_source, unused, refuse)
+    assert len(_load(prepared).test) == NUM_TEST

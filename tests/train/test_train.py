@@ -1,0 +1,133 @@
+"""Training: one compile per structure, schedules, momentum inheritance,
+multi-device generations equal to sequential ones."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from evolve.data import ImageSet, TaskData
+from evolve.models import vit
+from evolve.train import loop, optimizer, steps
+from evolve.types import PathStructure
+from tests.conftest import TEST_SIZE, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _data(n=96, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n).astype(np.int32)
+    # a learnable signal: overall brightness per class, plus noise
+    images = (labels[:, None, None, None] * 90 + rng.integers(0, 60, (n, 8, 8, 3))).astype(np.uint8)
+    split = ImageSet(images, labels)
+    return TaskData(train=split, validation=split, test=split, num_classes=classes)
+
+
+def _plan(structure, trainable_names, seed=0, hparams=None):
+    params = vit.init_path_params(structure, jax.random.key(seed))
+    hparams = hparams or dict(tiny_config().default_hparams(), learning_rate=0.05)
+    return loop.CandidatePlan(
+        structure=structure,
+        trainable={n: p for n, p in params.items() if n in trainable_names},
+        frozen={n: p for n, p in params.items() if n not in trainable_names},
+        momentum={}, hparams=hparams, start_score=-math.inf, score_of_quality=lambda q: q,
+    )
+
+
+SETTINGS = loop.TrainSettings(batch_size=16, rounds=2, examples_per_round=64, eval_batch_size=64)
+
+
+def test_same_structure_does_not_recompile():
+    structure = PathStructure(TEST_SIZE, 2, 16, 3, (), 8)
+    names = {"head", "encoder_norm", "encoderblock_1"}
+    loop.train_candidates([_plan(structure, names, 0)], _data(), SETTINGS, {}, seed=0)
+    traces = steps.TRACE_COUNTS["train_step"]
+    results = loop.train_candidates([_plan(structure, names, 1)], _data(), SETTINGS, {}, seed=1)
+    assert steps.TRACE_COUNTS["train_step"] == traces, "a second candidate of the same structure recompiled"
+    assert results[0].compile_seconds == 0.0
+    other = PathStructure(TEST_SIZE, 1, 16, 3, (), 8)
+    loop.train_candidates([_plan(other, {"head", "encoder_norm"}, 2)], _data(), SETTINGS, {}, seed=2)
+    assert steps.TRACE_COUNTS["train_step"] == traces + 1
+
+
+def test_training_learns_and_only_trainable_components_change():
+    structure = PathStructure(TEST_SIZE, 2, 16, 3, (), 8)
+    plan = _plan(structure, {"head", "encoder_norm", "encoderblock_1", "encoderblock_0", "embedding"})
+    frozen_before = jax.tree.map(np.copy, plan.frozen)
+    plan.hparams = dict(plan.hparams, learning_rate=0.1, warmup=0.0)
+    settings = loop.TrainSettings(batch_size=16, rounds=6, examples_per_round=96, eval_batch_size=64)
+    result = loop.train_candidates([plan], _data(), settings, {}, seed=0)[0]
+    assert result.quality > 0.8
+    assert set(result.trainable) == set(plan.trainable)
+    jax.tree.map(np.testing.assert_array_equal, plan.frozen, frozen_before)
+    assert set(result.momentum) == set(plan.trainable)
+
+
+def test_no_snapshot_when_parent_score_is_not_beaten():
+    structure = PathStructure(TEST_SIZE, 2, 16, 3, (), 8)
+    plan = _plan(structure, {"head"})
+    plan.start_score = 2.0  # unreachable
+    result = loop.train_candidates([plan], _data(), SETTINGS, {}, seed=0)[0]
+    assert result.trainable is None and result.score == 2.0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant", "linear", "restarts"])
+def test_schedules_warm_up_and_stay_positive(schedule):
+    hparams = {"learning_rate": 0.1, "warmup": 0.1, "schedule": schedule}
+    rates = optimizer.learning_rates(hparams, 100, 4)
+    assert rates.shape == (100,)
+    assert rates[0] == 0.0 and rates.max() == pytest.approx(0.1, rel=1e-5)
+    assert np.all(rates >= 0)
+    if schedule in ("cosine", "linear"):
+        assert rates[-1] < 0.1 / 100
+    if schedule == "restarts":
+        assert np.sum(np.diff(rates) > 0.01) >= 3  # a restart per round
+
+
+def test_inherited_momentum_is_used():
+    structure = PathStructure(TEST_SIZE, 1, 16, 3, (), 8)
+    base = _plan(structure, {"head"})
+    inherited = _plan(structure, {"head"})
+    inherited.momentum = {"head": jax.tree.map(lambda x: np.full_like(x, 5.0), inherited.trainable["head"])}
+    a = loop.train_candidates([base], _data(), SETTINGS, {}, seed=0)[0]
+    b = loop.train_candidates([inherited], _data(), SETTINGS, {}, seed=0)[0]
+    assert not np.array_equal(a.trainable["head"]["kernel"], b.trainable["head"]["kernel"])
+
+
+_MULTI_DEVICE = """
+import json, math, sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1])
+from tests.train.test_train import _data, _plan
+from evolve.train import loop
+from evolve.types import PathStructure
+from tests.conftest import TEST_SIZE
+structures = [PathStructure(TEST_SIZE, n, 16, 3, a, 8) for n, a in [(2, ()), (1, ()), (2, (1,)), (2, ())]]
+settings = loop.TrainSettings(batch_size=16, rounds=2, examples_per_round=64, eval_batch_size=64)
+def run(devices):
+    plans = [_plan(s, {"head", "encoder_norm", "encoderblock_0"} | ({"residual_adapter_1"} if s.adapter_layers else set()), i)
+             for i, s in enumerate(structures)]
+    results = loop.train_candidates(plans, _data(), settings, {}, seed=5, devices=devices)
+    return [[float(np.sum(np.abs(x))) for x in jax.tree.leaves(r.trainable)] + [r.quality] for r in results]
+parallel = run(jax.devices())
+sequential = run(jax.devices()[:1])
+print(json.dumps({"devices": len(jax.devices()), "parallel": parallel, "sequential": sequential}))
+"""
+
+
+def test_generation_on_four_devices_equals_sequential():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", _MULTI_DEVICE, REPO], capture_output=True, text=True,
+                            env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4
+    assert out["parallel"] == out["sequential"]
