@@ -14,7 +14,7 @@ import math
 import os
 import re
 import threading
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -170,7 +170,9 @@ class Engine:
         self._served: dict[str, ServedModel] = {}
         self._searches_run = 0
         self.checkpoint_step = checkpoint_step
+        # Caller state saved with every checkpoint (the service's operations).
         self.restored_extra: dict[str, Any] = {}
+        self.extra_state: Callable[[], Mapping[str, Any]] | None = None
         for task in system.best:
             self._serve(task)
 
@@ -556,6 +558,8 @@ class Engine:
         """Writes a checkpoint step under state_dir; returns the step (0 when no state_dir)."""
         if not self.state_dir:
             return 0
+        if extra is None and self.extra_state is not None:
+            extra = self.extra_state()
         with self._lock:
             if extra is not None:
                 self.restored_extra = dict(extra)
