@@ -155,8 +155,12 @@ def save_vit_npz(
     posembed = np.asarray(params_by_name["posembed_input"]["pos_embedding"])
     image_size = _image_size_of_posembed(posembed.shape, size, where="posembed_input/pos_embedding")
     flat: dict[str, np.ndarray] = {}
+    expected_by_kind: dict[str, dict[tuple[str, ...], Any]] = {}
     for name in required:
-        expected = dict(_leaves(_expected_shapes(name, size, image_size)))
+        kind = _kind(name)
+        if kind not in expected_by_kind:
+            expected_by_kind[kind] = dict(_leaves(_expected_shapes(name, size, image_size)))
+        expected = expected_by_kind[kind]
         prefix = _checkpoint_prefix(name)
         given = dict(_leaves(params_by_name[name]))
         if set(given) != set(expected):
