@@ -1,0 +1,105 @@
+"""Checkpoints: incremental component writes, atomic manifests, integrity
+checks with fallback to the previous step, retention, and file GC."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from evolve import checkpoint
+from evolve.engine import Engine
+from evolve.errors import CorruptCheckpointError
+from evolve.types import BundledSource, SearchBudget, TaskSpec
+from tests.conftest import tiny_config
+
+
+def _component_dirs(state_dir) -> set[str]:
+    return set(os.listdir(os.path.join(state_dir, "components")))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    state_dir = str(tmp_path_factory.mktemp("ckpt"))
+    engine = Engine.create(tiny_config(generations=1), state_dir=state_dir)
+    engine.save()
+    engine.add_task(TaskSpec("digits", BundledSource("digits")))
+    engine.run_search("digits")
+    return engine, state_dir
+
+
+def test_only_new_components_are_written(trained):
+    engine, state_dir = trained
+    before = {d: os.path.getmtime(os.path.join(state_dir, "components", d)) for d in _component_dirs(state_dir)}
+    written = checkpoint.save(engine.system, state_dir)
+    assert written.new_components == 0
+    after = {d: os.path.getmtime(os.path.join(state_dir, "components", d)) for d in _component_dirs(state_dir)}
+    assert before == after
+
+
+def test_roundtrip_restores_everything(trained):
+    engine, state_dir = trained
+    restored = checkpoint.restore(state_dir).system
+    assert restored.best == engine.system.best
+    assert restored.tasks.keys() == engine.system.tasks.keys()
+    assert set(restored.components) == set(engine.system.components)
+    for cid, component in engine.system.components.items():
+        assert restored.components[cid].content_hash == component.content_hash
+        assert restored.components[cid].locked_by == component.locked_by
+    path = engine.system.best_path("digits")
+    assert restored.paths[path.id].hparams == path.hparams  # learned mu values included
+    assert restored.config == engine.system.config
+
+
+def test_corrupt_component_falls_back_to_previous_step(trained, tmp_path):
+    engine, state_dir = trained
+    import shutil
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(state_dir, copy)
+    latest = checkpoint.restore(copy).step
+    # Damage a component only the newest step references: the digits head.
+    head_id = engine.system.best_path("digits").components["head"]
+    shutil.rmtree(os.path.join(copy, "components", head_id))
+    restored = checkpoint.restore(copy)
+    assert restored.step < latest
+    assert "digits" not in restored.system.best  # the step before the search finished
+
+
+def test_no_intact_step_is_a_clear_error(trained, tmp_path):
+    engine, state_dir = trained
+    import shutil
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(state_dir, copy)
+    for name in os.listdir(os.path.join(copy, "components")):
+        shutil.rmtree(os.path.join(copy, "components", name))
+    with pytest.raises(CorruptCheckpointError):
+        checkpoint.restore(copy)
+
+
+def test_retention_and_file_gc(tmp_path):
+    state_dir = str(tmp_path)
+    engine = Engine.create(tiny_config(generations=1, candidates_per_generation=1), state_dir=state_dir)
+    engine.add_task(TaskSpec("digits", BundledSource("digits")))
+    engine.run_search("digits")
+    first_path = engine.system.best_path("digits")
+    replaced = {cid for name, cid in first_path.components.items()}
+    for _ in range(checkpoint.KEEP_MANIFESTS + 1):
+        engine.save()
+    steps = sorted(int(s) for s in os.listdir(os.path.join(state_dir, "manifest")) if s.isdigit())
+    assert len(steps) == checkpoint.KEEP_MANIFESTS
+    # Every component a retained manifest references is on disk, nothing else.
+    live = set(engine.system.components)
+    assert _component_dirs(state_dir) == live
+    assert replaced & live  # still referenced: still stored
+    # Drop the task's path from memory as a replacement would, then save enough steps.
+    engine.system.best.pop("digits")
+    engine.system.populations.pop("digits")
+    engine.system.unlock("digits", keep=None)
+    engine.system.collect_garbage()
+    for _ in range(checkpoint.KEEP_MANIFESTS):
+        engine.save()
+    assert not (_component_dirs(state_dir) & (replaced - set(engine.system.components)))
+    assert _component_dirs(state_dir) == set(engine.system.components)
