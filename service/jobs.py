@@ -1,0 +1,427 @@
+"""Long-running operations: a bounded queue and ONE worker thread running
+searches off the request threads (DESIGN §6, §7).
+
+An operation is QUEUED, then RUNNING, then SUCCEEDED, FAILED or CANCELLED.
+Operations are saved with every engine checkpoint (`engine.extra_state`), and
+explicitly right after a submit is accepted and after each operation ends, so
+a crash loses no accepted request. On restart, QUEUED and RUNNING operations
+are queued again (an interrupted search restarts from the last complete
+state); finished ones stay listed.
+
+Lock order: the engine calls our event callback while holding its own lock,
+so this module never calls into the engine while holding `_condition`.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+from google.rpc import code_pb2, status_pb2
+
+from evolve import events as domain_events
+from evolve.errors import (
+    CancelledError,
+    EvolveError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from evolve.types import TaskSpec
+from service.errors import UnavailableError, status_of
+from service.event_log import EventLog
+
+logger = logging.getLogger(__name__)
+
+EXTENSION = "extension"  # as evolve.engine names them; not imported (JAX)
+GENERALIZATION = "generalization"
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+OPERATION_PREFIX = "operations/"
+
+MAX_FINISHED_OPERATIONS = 1000  # finished operations kept for Get / List
+# After an unclean stop, events after the last checkpoint were numbered but not
+# saved; skip this many numbers so a resuming client never sees one twice.
+UNCLEAN_SEQUENCE_GAP = 100_000
+DEFAULT_RETRY_SECONDS = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OperationError:
+    code: int  # google.rpc.Code
+    message: str
+    details: tuple[Any, ...] = ()  # google.protobuf.Any
+
+    @classmethod
+    def of(cls, error: BaseException) -> "OperationError":
+        status = status_of(error)
+        return cls(status.code, status.message, tuple(status.details))
+
+    def encode(self) -> str:
+        """base64 of the google.rpc.Status, for the JSON checkpoint manifest."""
+        status = status_pb2.Status(code=self.code, message=self.message, details=list(self.details))
+        return base64.b64encode(status.SerializeToString()).decode("ascii")
+
+    @classmethod
+    def decode(cls, data: str) -> "OperationError":
+        status = status_pb2.Status.FromString(base64.b64decode(data))
+        return cls(status.code, status.message, tuple(status.details))
+
+
+@dataclasses.dataclass
+class OperationRecord:
+    """One operation; `Jobs` hands out copies, never the live record."""
+
+    name: str
+    kind: str
+    task: str  # "" for an improvement of every ready task
+    request_id: str
+    state: str
+    create_time: float
+    update_time: float
+    generation: int = 0
+    generations: int = 0
+    candidates_scored: int = 0
+    best_score: float = 0.0
+    best_quality: float = 0.0
+    error: OperationError | None = None
+    cancel_requested: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def number(self) -> int:
+        return int(self.name[len(OPERATION_PREFIX):])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict for the checkpoint manifest."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "error"}
+        data["error"] = self.error.encode() if self.error else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "OperationRecord":
+        data = dict(data)
+        error = data.pop("error", None)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        record = cls(**{k: v for k, v in data.items() if k in fields})
+        record.error = OperationError.decode(error) if error else None
+        return record
+
+
+def event_log_start(extra: Mapping[str, Any]) -> int:
+    """Where the event sequence continues after a restart (see UNCLEAN_SEQUENCE_GAP)."""
+    if not extra:
+        return 0
+    saved = int(extra.get("event_sequence", 0))
+    return saved if extra.get("clean_shutdown") else saved + UNCLEAN_SEQUENCE_GAP
+
+
+class Jobs:
+    """The operation table, the queue and the search worker."""
+
+    def __init__(self, engine: Any, events: EventLog, *, max_queue: int = 16):
+        self._engine = engine
+        self._events = events
+        self._max_queue = max_queue
+        self._condition = threading.Condition()
+        self._submit_lock = threading.Lock()  # serialises submits: add_task is slow
+        self._records: dict[str, OperationRecord] = {}
+        self._queue: collections.deque[str] = collections.deque()
+        self._request_ids: dict[str, str] = {}
+        self._next = 1
+        self._running: str | None = None
+        self._cancel: threading.Event | None = None
+        self._stopping = False
+        self._search_seconds = DEFAULT_RETRY_SECONDS
+        self._worker = threading.Thread(target=self._work, name="search-worker", daemon=True)
+
+    # ---- persistence -----------------------------------------------------------
+
+    def extra_state(self, *, clean_shutdown: bool = False) -> dict[str, Any]:
+        """What every checkpoint saves of the operations."""
+        with self._condition:
+            return {
+                "operations": [r.to_dict() for r in self._records.values()],
+                "next_operation": self._next,
+                "event_sequence": self._events.last_sequence,
+                "request_ids": dict(self._request_ids),
+                "clean_shutdown": clean_shutdown,
+            }
+
+    def restore(self, extra: Mapping[str, Any]) -> None:
+        """Loads saved operations; unfinished ones are queued again, oldest first."""
+        records = [OperationRecord.from_dict(d) for d in extra.get("operations", ())]
+        with self._condition:
+            for record in sorted(records, key=lambda r: r.number):
+                if not record.done:
+                    if record.state == RUNNING:
+                        logger.info("%s was interrupted; queued again", record.name)
+                    record.state, record.cancel_requested = QUEUED, False
+                    self._queue.append(record.name)
+                self._records[record.name] = record
+            self._next = max([int(extra.get("next_operation", 1))] + [r.number + 1 for r in records])
+            self._request_ids = {k: v for k, v in extra.get("request_ids", {}).items() if v in self._records}
+        if self._queue:
+            logger.info("re-queued %d unfinished operation(s)", len(self._queue))
+
+    def _save(self) -> None:
+        """Checkpoints the engine with the operations; failures are logged, not raised."""
+        try:
+            self._engine.save()
+        except Exception:
+            logger.exception("checkpoint after an operation change failed")
+
+    # ---- requests ----------------------------------------------------------------
+
+    def submit(self, spec: TaskSpec, request_id: str = "") -> OperationRecord:
+        """Adds a task and queues its extension search (idempotent per request id)."""
+        with self._submit_lock:
+            existing = self._by_request("submit", request_id)
+            if existing is not None:
+                return existing
+            self._check_accepting()
+            self._engine.add_task(spec)
+            record = self._create(EXTENSION, spec.name, "submit", request_id)
+            self._save()
+            self._enqueue(record.name)
+            logger.info("%s: extension search of %s queued", record.name, spec.name)
+            return self.get(record.name)
+
+    def improve(self, task: str = "", request_id: str = "") -> OperationRecord:
+        """Queues a generalization search of one task, or of every ready task.
+
+        A task that never got a model and has no search queued or running gets
+        its extension search retried instead.
+        """
+        with self._submit_lock:
+            existing = self._by_request("improve", request_id)
+            if existing is not None:
+                return existing
+            self._check_accepting()
+            kind = self._improvement_kind(task)
+            record = self._create(kind, task, "improve", request_id)
+            self._save()
+            self._enqueue(record.name)
+            logger.info("%s: %s search of %s queued", record.name, kind, task or "every ready task")
+            return self.get(record.name)
+
+    def _improvement_kind(self, task: str) -> str:
+        if not task:
+            if not any(info.status == "READY" for info in self._engine.tasks()):
+                raise FailedPreconditionError("NO_READY_TASKS", "no task has a model to improve yet")
+            return GENERALIZATION
+        info = self._engine.task(task)  # NOT_FOUND for an unknown task
+        if info.status == "READY":
+            return GENERALIZATION
+        with self._condition:
+            busy = any(r.task == task and not r.done for r in self._records.values())
+        if busy:
+            raise FailedPreconditionError("TASK_NOT_READY", f"task {task!r} is still waiting for its first search")
+        return EXTENSION
+
+    def _by_request(self, scope: str, request_id: str) -> OperationRecord | None:
+        if not request_id:
+            return None
+        with self._condition:
+            name = self._request_ids.get(f"{scope}:{request_id}")
+            return dataclasses.replace(self._records[name]) if name else None
+
+    def _check_accepting(self) -> None:
+        with self._condition:
+            if self._stopping:
+                raise UnavailableError("the server is shutting down", retry_after_s=5.0)
+            if len(self._queue) >= self._max_queue:
+                raise ResourceExhaustedError(
+                    f"the search queue is full ({self._max_queue} operations waiting)",
+                    retry_after_s=self._search_seconds,
+                )
+
+    def _create(self, kind: str, task: str, scope: str, request_id: str) -> OperationRecord:
+        now = time.time()
+        with self._condition:
+            name = f"{OPERATION_PREFIX}{self._next}"
+            self._next += 1
+            record = OperationRecord(name, kind, task, request_id, QUEUED, now, now)
+            self._records[name] = record
+            if request_id:
+                self._request_ids[f"{scope}:{request_id}"] = name
+            self._prune()
+            return record
+
+    def _prune(self) -> None:
+        finished = [name for name, r in self._records.items() if r.done]
+        for name in finished[: max(len(finished) - MAX_FINISHED_OPERATIONS, 0)]:
+            del self._records[name]
+        self._request_ids = {k: v for k, v in self._request_ids.items() if v in self._records}
+
+    def _enqueue(self, name: str) -> None:
+        with self._condition:
+            if self._records[name].state == QUEUED and not self._stopping:
+                self._queue.append(name)
+                self._condition.notify_all()
+
+    # ---- reading -------------------------------------------------------------------
+
+    def _record(self, name: str) -> OperationRecord:
+        if not name:
+            raise InvalidArgumentError("name", "an operation name is required")
+        record = self._records.get(name)
+        if record is None:
+            raise NotFoundError("operation", name)
+        return record
+
+    def get(self, name: str) -> OperationRecord:
+        with self._condition:
+            return dataclasses.replace(self._record(name))
+
+    def list(self, task: str = "") -> list[OperationRecord]:
+        with self._condition:
+            records = sorted(self._records.values(), key=lambda r: r.number)
+            return [dataclasses.replace(r) for r in records if not task or r.task == task]
+
+    def wait(self, name: str, timeout: float, keep_waiting: Callable[[], bool] = lambda: True) -> OperationRecord:
+        """The operation once done, or as it stands when the timeout passes or
+        `keep_waiting` turns false (checked every second)."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._condition:
+            record = self._record(name)
+            while not record.done and keep_waiting() and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._condition.wait(min(remaining, 1.0))
+            return dataclasses.replace(record)
+
+    def cancel(self, name: str) -> OperationRecord:
+        """Cancels a queued operation at once, a running one at its next step."""
+        with self._condition:
+            record = self._record(name)
+            if record.state == QUEUED:
+                self._queue.remove(name)
+                self._set_final(record, CANCELLED, OperationError(code_pb2.CANCELLED, "cancelled by request"))
+                logger.info("%s: cancelled while queued", name)
+                changed = True
+            else:
+                changed = False
+                if record.state == RUNNING and self._running == name and self._cancel is not None:
+                    record.cancel_requested = True
+                    self._cancel.set()
+            snapshot = dataclasses.replace(record)
+        if changed:
+            self._save()
+        return snapshot
+
+    # ---- the worker ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def shutdown(self, timeout: float) -> None:
+        """Stops the worker: the running search is cancelled at its next step and
+        its operation goes back to QUEUED, to be run again after a restart."""
+        with self._condition:
+            self._stopping = True
+            if self._cancel is not None:
+                self._cancel.set()
+            self._condition.notify_all()
+        if self._worker.is_alive():
+            self._worker.join(timeout)
+        with self._condition:
+            if self._worker.is_alive() and self._running:
+                logger.warning("the search did not stop within %.0f s; %s stays queued", timeout, self._running)
+                self._records[self._running].state = QUEUED
+
+    def _work(self) -> None:
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: self._queue or self._stopping)
+                if self._stopping:
+                    return
+                record = self._records[self._queue.popleft()]
+                record.state, record.update_time = RUNNING, time.time()
+                self._running, self._cancel = record.name, threading.Event()
+                cancel = self._cancel
+                self._condition.notify_all()
+            logger.info("%s: running (%s of %s)", record.name, record.kind, record.task or "every ready task")
+            started = time.monotonic()
+            state, error = self._run(record, cancel)
+            seconds = time.monotonic() - started
+            with self._condition:
+                self._running, self._cancel = None, None
+                if state == QUEUED:
+                    record.state, record.update_time = QUEUED, time.time()
+                else:
+                    self._set_final(record, state, error)
+                    self._search_seconds = 0.5 * self._search_seconds + 0.5 * seconds
+            logger.info("%s: %s after %.1f s", record.name, state, seconds)
+            self._save()
+
+    def _run(self, record: OperationRecord, cancel: threading.Event) -> tuple[str, OperationError | None]:
+        """Runs an operation's searches; returns its next state and error."""
+        try:
+            for task in self._tasks_of(record):
+                self._begin_task(record, task)
+                self._engine.run_search(
+                    task, record.kind, cancel=cancel,
+                    on_event=lambda event, name=record.name: self._on_event(name, event),
+                )
+        except CancelledError as error:
+            with self._condition:
+                if self._stopping and not record.cancel_requested:
+                    logger.info("%s interrupted by shutdown; it will run again after a restart", record.name)
+                    return QUEUED, None
+            return CANCELLED, OperationError(code_pb2.CANCELLED, str(error) or "cancelled")
+        except EvolveError as error:
+            logger.warning("%s failed: %s", record.name, error)
+            return FAILED, OperationError.of(error)
+        except Exception as error:
+            logger.exception("%s failed unexpectedly", record.name)
+            return FAILED, OperationError.of(error)
+        return SUCCEEDED, None
+
+    def _tasks_of(self, record: OperationRecord) -> list[str]:
+        if record.task:
+            return [record.task]
+        return [info.name for info in self._engine.tasks() if info.status == "READY"]
+
+    def _begin_task(self, record: OperationRecord, task: str) -> None:
+        info = self._engine.task(task)
+        with self._condition:
+            record.generation = 0
+            record.best_score = info.best_score or 0.0
+            record.best_quality = info.validation_accuracy or 0.0
+            record.update_time = time.time()
+
+    def _on_event(self, name: str, event: domain_events.Event) -> None:
+        """Engine callback: updates the operation's progress and logs the event."""
+        with self._condition:
+            record = self._records.get(name)
+            if record is not None:
+                _apply_progress(record, event)
+        self._events.append(event, name)
+
+    def _set_final(self, record: OperationRecord, state: str, error: OperationError | None) -> None:
+        record.state, record.error, record.update_time = state, error, time.time()
+        self._condition.notify_all()
+
+
+def _apply_progress(record: OperationRecord, event: domain_events.Event) -> None:
+    if isinstance(event, domain_events.GenerationStarted):
+        record.generation, record.generations = event.generation + 1, event.generations
+    elif isinstance(event, domain_events.CandidateScored):
+        record.candidates_scored += 1
+    elif isinstance(event, domain_events.CandidateAccepted):
+        record.best_score, record.best_quality = event.score, event.quality
+    else:
+        return
+    record.update_time = time.time()

@@ -1,0 +1,498 @@
+"""The evolve gRPC server: `python -m service.server` or `evolve serve`.
+
+Starts listening at once with health NOT_SERVING, restores the system from
+the state directory (or creates one) in the background, then reports
+SERVING. SIGTERM / SIGINT drain it: no new calls, the running search stops at
+its next step and is queued again for the next start, a final checkpoint is
+written, and the process exits 0.
+
+Every flag has an EVOLVE_* environment variable (flags win). Prefer the
+environment (or a secret mounted into it) for tokens: flags show in `ps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from typing import Any, Mapping, Sequence
+
+logger = logging.getLogger("service.server")
+
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+EVOLUTION_SERVICE = "evolve.v1.EvolutionService"
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 8500
+    state_dir: str = "./state"
+    config: str = "tiny"
+    overrides: tuple[str, ...] = ()  # "key=value" overrides of the configuration
+    root: str = ""  # a ViT size name ("tiny", "B/16") or a vit_jax .npz; "": the configuration's size
+    devices: int = 0  # 0: every local device
+    token: str | None = None
+    read_token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    data_roots: tuple[str, ...] = ()  # empty: any path
+    max_queue: int = 16
+    max_batch: int = 1024
+    max_message_mb: int = 64
+    max_train_examples: int | None = None
+    seed: int = 0
+    grace_seconds: float = 30.0
+    workers: int = 32
+    compilation_cache_dir: str | None = None  # None: <state_dir>/xla_cache; "": off
+    port_file: str | None = None
+    log_level: str = "INFO"
+    startup_delay_seconds: float = 0.0  # for tests of the NOT_SERVING phase
+
+
+# ---- flags ---------------------------------------------------------------------------
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get(f"EVOLVE_{name}", default)
+
+
+def _env_list(name: str) -> list[str]:
+    value = _env(name, "")
+    return [part for part in value.split(os.pathsep) if part]
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the server's flags (each defaulting to its EVOLVE_* variable)."""
+    defaults = ServerOptions()
+    add = parser.add_argument
+    add("--host", default=_env("HOST", defaults.host),
+        help="address to listen on; anything beyond localhost needs --token [EVOLVE_HOST, %(default)s]")
+    add("--port", type=int, default=int(_env("PORT", defaults.port)),
+        help="port to listen on; 0 picks a free one [EVOLVE_PORT, %(default)s]")
+    add("--state-dir", default=_env("STATE_DIR", defaults.state_dir),
+        help="checkpoints, operations and the compilation cache [EVOLVE_STATE_DIR, %(default)s]")
+    add("--config", default=_env("CONFIG", defaults.config),
+        help="named search configuration: tiny, Ti/16, S/16, B/16, L/16 [EVOLVE_CONFIG, %(default)s]")
+    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a configuration field for a new system (JSON value), e.g. generations=2 or "
+             "size.hidden_size=32; repeatable")
+    add("--root", default=_env("ROOT", defaults.root),
+        help="root model of a new system: a ViT size name (random init) or a vit_jax .npz file "
+             "[EVOLVE_ROOT, default: the configuration's size]")
+    add("--devices", type=int, default=int(_env("DEVICES", defaults.devices)),
+        help="accelerators to train on; on CPU, N > 1 simulates N devices; 0: all [EVOLVE_DEVICES]")
+    add("--token", default=_env("TOKEN"),
+        help="bearer token required by mutating calls (and reads, without --read-token) [EVOLVE_TOKEN]")
+    add("--read-token", default=_env("READ_TOKEN"),
+        help="bearer token that allows read calls only; requires --token [EVOLVE_READ_TOKEN]")
+    add("--tls-cert", default=_env("TLS_CERT"), help="PEM certificate chain; with --tls-key serves TLS [EVOLVE_TLS_CERT]")
+    add("--tls-key", default=_env("TLS_KEY"), help="PEM private key [EVOLVE_TLS_KEY]")
+    add("--data-root", dest="data_roots", action="append", default=None, metavar="DIR",
+        help="allow task data only under DIR; repeatable; default: any path "
+             "[EVOLVE_DATA_ROOTS, separated by %r]" % os.pathsep)
+    add("--max-queue", type=int, default=int(_env("MAX_QUEUE", defaults.max_queue)),
+        help="operations that may wait for the search worker [EVOLVE_MAX_QUEUE, %(default)s]")
+    add("--max-batch", type=int, default=int(_env("MAX_BATCH", defaults.max_batch)),
+        help="images per prediction call [EVOLVE_MAX_BATCH, %(default)s]")
+    add("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB", defaults.max_message_mb)),
+        help="largest request or response in MiB [EVOLVE_MAX_MESSAGE_MB, %(default)s]")
+    add("--max-train-examples", type=int, default=_int_or_none(_env("MAX_TRAIN_EXAMPLES")),
+        help="cap on the training examples a task loads [EVOLVE_MAX_TRAIN_EXAMPLES]")
+    add("--seed", type=int, default=int(_env("SEED", defaults.seed)), help="[EVOLVE_SEED, %(default)s]")
+    add("--grace-seconds", type=float, default=float(_env("GRACE_SECONDS", defaults.grace_seconds)),
+        help="how long in-flight calls may finish on shutdown [EVOLVE_GRACE_SECONDS, %(default)s]")
+    add("--workers", type=int, default=int(_env("WORKERS", defaults.workers)),
+        help="threads serving calls; half of them at most follow WatchEvolution [EVOLVE_WORKERS, %(default)s]")
+    add("--compilation-cache-dir", default=_env("COMPILATION_CACHE_DIR"),
+        help="JAX persistent compilation cache; '' turns it off "
+             "[EVOLVE_COMPILATION_CACHE_DIR, default: STATE_DIR/xla_cache]")
+    add("--port-file", default=_env("PORT_FILE"),
+        help="write the bound port to this file once listening (for supervisors and tests)")
+    add("--log-level", default=_env("LOG_LEVEL", defaults.log_level), help="[EVOLVE_LOG_LEVEL, %(default)s]")
+    add("--startup-delay-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
+    return parser
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def options_from_args(args: argparse.Namespace) -> ServerOptions:
+    """ServerOptions of parsed flags; raises ValueError on inconsistent ones."""
+    data_roots = args.data_roots if args.data_roots is not None else _env_list("DATA_ROOTS")
+    options = ServerOptions(
+        host=args.host, port=args.port, state_dir=args.state_dir, config=args.config,
+        overrides=tuple(args.overrides), root=args.root or "", devices=args.devices,
+        token=args.token or None, read_token=args.read_token or None,
+        tls_cert=args.tls_cert or None, tls_key=args.tls_key or None,
+        data_roots=tuple(os.path.abspath(root) for root in data_roots),
+        max_queue=args.max_queue, max_batch=args.max_batch, max_message_mb=args.max_message_mb,
+        max_train_examples=args.max_train_examples, seed=args.seed, grace_seconds=args.grace_seconds,
+        workers=args.workers, compilation_cache_dir=args.compilation_cache_dir, port_file=args.port_file,
+        log_level=args.log_level, startup_delay_seconds=args.startup_delay_seconds,
+    )
+    validate_options(options)
+    return options
+
+
+def validate_options(options: ServerOptions) -> None:
+    if not 0 <= options.port <= 65535:
+        raise ValueError(f"--port must be 0..65535, got {options.port}")
+    for name in ("max_queue", "max_batch", "max_message_mb", "workers"):
+        if getattr(options, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if options.devices < 0:
+        raise ValueError("--devices must not be negative")
+    if options.read_token and not options.token:
+        raise ValueError("--read-token needs --token as well (mutating calls would be open)")
+    if bool(options.tls_cert) != bool(options.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for path in (options.tls_cert, options.tls_key):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"no such file: {path}")
+    build_config(options.config, parse_overrides(options.overrides), options.root)
+
+
+# ---- configuration ------------------------------------------------------------------
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """{"generations": 2, "size.hidden_size": 32} from ["generations=2", ...]."""
+    overrides = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare string
+        overrides[key.strip()] = tuple(value) if isinstance(value, list) else value
+    return overrides
+
+
+def build_config(name: str, overrides: Mapping[str, Any], root: str = "") -> tuple[Any, str | None]:
+    """The search configuration of a new system and the root .npz, if any."""
+    from evolve.config import VIT_SIZES, SearchConfig, get_config  # noqa: PLC0415 (no JAX)
+
+    config = get_config(name)
+    fields = {f.name for f in dataclasses.fields(SearchConfig)}
+    size_fields = {f.name for f in dataclasses.fields(type(config.size))}
+    changes, size_changes = {}, {}
+    for key, value in overrides.items():
+        if key.startswith("size.") and key[5:] in size_fields:
+            size_changes[key[5:]] = value
+        elif key in fields and key not in ("name", "size"):
+            changes[key] = value
+        elif key == "size" and value in VIT_SIZES:
+            changes["size"] = VIT_SIZES[value]
+        else:
+            raise ValueError(f"--set {key}: not a field of the configuration")
+    root_npz = None
+    if root in VIT_SIZES:
+        changes.setdefault("size", VIT_SIZES[root])
+    elif root:
+        if not os.path.isfile(root):
+            raise ValueError(f"--root {root!r} is neither a ViT size ({', '.join(VIT_SIZES)}) nor a file")
+        root_npz = os.path.abspath(root)
+    config = dataclasses.replace(config, **changes)
+    if size_changes:
+        config = dataclasses.replace(config, size=dataclasses.replace(config.size, **size_changes))
+    return config, root_npz
+
+
+# ---- process setup -------------------------------------------------------------------
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def configure_devices(devices: int) -> None:
+    """Simulates `devices` CPU devices; must run before JAX is imported."""
+    if devices <= 1:
+        return
+    if "jax" in sys.modules:
+        logger.warning("JAX was imported before the device count was set; --devices may not apply on CPU")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+
+
+def warn_if_exposed(options: ServerOptions) -> None:
+    if options.host in LOCAL_HOSTS:
+        return
+    if not options.token:
+        logger.warning(
+            "!!! LISTENING ON %s WITHOUT A TOKEN: anyone who can reach this port can submit tasks, "
+            "read data paths and run searches. Set --token (or EVOLVE_TOKEN). !!!", options.host
+        )
+    elif not options.tls_cert:
+        logger.warning("listening on %s without TLS: tokens travel in clear text; set --tls-cert/--tls-key",
+                       options.host)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _write_port_file(path: str, port: int) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(f"{port}\n")
+    os.replace(temporary, path)
+
+
+# ---- the server ------------------------------------------------------------------------
+
+
+class Server:
+    """One server process: the gRPC server, the loader and the drain."""
+
+    def __init__(self, options: ServerOptions):
+        import grpc  # noqa: PLC0415
+        from grpc_health.v1 import health
+
+        from service.servicers import Backend
+
+        self.options = options
+        self.backend = Backend(max_watchers=max(options.workers // 2, 1))
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._grpc = grpc
+        self._stop = threading.Event()
+        self._loader = threading.Thread(target=self._load_guarded, name="loader", daemon=True)
+        self._load_failed = False
+        self._signal_name = ""
+        self.server = self._build()
+        self.port = self._bind()
+
+    def _build(self):
+        from service.auth import AuthInterceptor
+        from service.errors import ErrorInterceptor
+
+        grpc, options = self._grpc, self.options
+        limit = options.max_message_mb * 1024 * 1024
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc"),
+            interceptors=[AuthInterceptor(options.token, options.read_token), ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+            ],
+        )
+        self._add_services(server)
+        return server
+
+    def _add_services(self, server) -> None:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        from service.gen import reflection_pool
+        from service.gen.evolve.v1 import evolve_pb2, evolve_pb2_grpc
+        from service.gen.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+        from service.servicers import EvolutionServicer, InferenceServicer
+
+        evolve_pb2_grpc.add_EvolutionServiceServicer_to_server(EvolutionServicer(self.backend), server)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.backend), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for name in self.service_names():
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        pool = reflection_pool(evolve_pb2.DESCRIPTOR, grpc_predict_v2_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR)
+        names = (EVOLUTION_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server, pool=pool)
+
+    @staticmethod
+    def service_names() -> tuple[str, ...]:
+        """Health is reported for the server as a whole ("") and per service."""
+        return ("", EVOLUTION_SERVICE, INFERENCE_SERVICE)
+
+    def _bind(self) -> int:
+        options, grpc = self.options, self._grpc
+        address = _address(options.host, options.port)
+        if options.tls_cert:
+            with open(options.tls_key, "rb") as key, open(options.tls_cert, "rb") as cert:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            port = self.server.add_secure_port(address, credentials)
+        else:
+            port = self.server.add_insecure_port(address)
+        if not port:
+            raise OSError(f"cannot listen on {address}")
+        return port
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serves until SIGTERM / SIGINT; returns the exit code."""
+        self.server.start()
+        logger.info("listening on %s (%s); loading the system from %s",
+                    _address(self.options.host, self.port), "TLS" if self.options.tls_cert else "plaintext",
+                    os.path.abspath(self.options.state_dir))
+        if self.options.port_file:
+            _write_port_file(self.options.port_file, self.port)
+        warn_if_exposed(self.options)
+        self._install_signal_handlers()
+        self._loader.start()
+        while not self._stop.wait(0.5):
+            pass
+        if self._signal_name:
+            logger.info("%s: draining (a second signal exits at once)", self._signal_name)
+        return self._drain()
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("not on the main thread: SIGTERM / SIGINT will not drain the server")
+            return
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._on_signal)
+
+    def _on_signal(self, number: int, frame: Any) -> None:
+        # Only flag here: logging from a signal handler can deadlock.
+        if self._stop.is_set():
+            os.write(2, b"second signal: exiting without a final checkpoint\n")
+            os._exit(1)
+        self._signal_name = signal.Signals(number).name
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Asks a running server to drain, as SIGTERM does."""
+        self._stop.set()
+
+    def _load_guarded(self) -> None:
+        try:
+            self._load()
+        except Exception:
+            logger.exception("cannot load the system; shutting down")
+            self._load_failed = True
+            self._stop.set()
+
+    def _load(self) -> None:
+        from grpc_health.v1 import health_pb2
+
+        if self._stop.wait(self.options.startup_delay_seconds):
+            return
+        engine, jobs, events = load_backend(self.options)
+        if self._stop.is_set():
+            return
+        self.backend.attach(engine, jobs, events)
+        jobs.start()
+        for name in self.service_names():
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("serving %d task(s) from checkpoint step %d on %d device(s): %s", len(engine.system.tasks),
+                    engine.checkpoint_step, len(engine.devices), engine.devices[0].platform)
+
+    def _drain(self) -> int:
+        """Stops taking calls, stops the worker, writes the final checkpoint."""
+        self.health.enter_graceful_shutdown()
+        self.backend.drain()
+        stopped = self.server.stop(self.options.grace_seconds)
+        self._loader.join(self.options.grace_seconds)
+        loaded = self.backend.loaded
+        code = 1 if self._load_failed else 0
+        if loaded is not None:
+            loaded.jobs.shutdown(timeout=max(self.options.grace_seconds, 10.0))
+            try:
+                # No CheckpointWritten event: the saved event position stays exact.
+                step = loaded.engine.save(extra=loaded.jobs.extra_state(clean_shutdown=True))
+                logger.info("final checkpoint: step %d", step)
+            except Exception:
+                logger.exception("the final checkpoint failed; the previous one stays")
+                code = 1
+            loaded.events.close()  # ends WatchEvolution streams after the last events
+        stopped.wait()
+        logger.info("stopped")
+        return code
+
+
+def load_backend(options: ServerOptions):
+    """Restores the engine from the state directory, or creates a new system.
+
+    Returns (engine, jobs, event log), with the jobs' operations restored and
+    saved with every checkpoint from now on.
+    """
+    import jax  # noqa: PLC0415 (after configure_devices)
+
+    from evolve.engine import Engine, EngineOptions, enable_compilation_cache
+    from service.event_log import EventLog
+    from service.jobs import Jobs, event_log_start
+
+    state_dir = os.path.abspath(options.state_dir)
+    os.makedirs(state_dir, exist_ok=True)
+    cache = options.compilation_cache_dir
+    if cache is None:
+        cache = os.path.join(state_dir, "xla_cache")
+    if cache:
+        enable_compilation_cache(cache)
+    devices = jax.local_devices()
+    if options.devices:
+        if options.devices > len(devices):
+            raise ValueError(f"--devices {options.devices}: only {len(devices)} available")
+        devices = devices[: options.devices]
+    engine_options = EngineOptions(
+        data_roots=options.data_roots, max_predict_batch=options.max_batch,
+        max_train_examples=options.max_train_examples, seed=options.seed,
+    )
+    engine = Engine.restore(state_dir, devices=devices, options=engine_options)
+    fresh = engine is None
+    if fresh:
+        config, root_npz = build_config(options.config, parse_overrides(options.overrides), options.root)
+        logger.info("creating a new system: configuration %s, root %s", config.name, root_npz or config.size.name)
+        engine = Engine.create(config, root_npz=root_npz, state_dir=state_dir, devices=devices,
+                               options=engine_options)
+    else:
+        logger.info("restored checkpoint step %d (configuration %s)", engine.checkpoint_step,
+                    engine.system.config.name)
+    events = EventLog(start_sequence=event_log_start(engine.restored_extra))
+    jobs = Jobs(engine, events, max_queue=options.max_queue)
+    jobs.restore(engine.restored_extra)
+    engine.extra_state = jobs.extra_state
+    if fresh:
+        engine.save()
+    return engine, jobs, events
+
+
+def serve(options: ServerOptions) -> int:
+    """Runs a server until it is told to stop; returns the process exit code."""
+    configure_logging(options.log_level)
+    configure_devices(options.devices)
+    try:
+        server = Server(options)
+    except (OSError, RuntimeError, ValueError) as error:
+        logger.error("cannot start the server: %s", error)
+        return 1
+    return server.run()
+
+
+def serve_from_args(args: argparse.Namespace) -> int:
+    """`evolve serve`: options from parsed flags, then serve(); returns the exit code."""
+    try:
+        options = options_from_args(args)
+    except ValueError as error:
+        configure_logging("INFO")
+        logger.error("%s", error)
+        return 2
+    return serve(options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.server", description=__doc__.split("\n\n")[0])
+    add_serve_arguments(parser)
+    return serve_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

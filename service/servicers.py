@@ -1,0 +1,224 @@
+"""Thin servicers of evolve.v1.EvolutionService and the Open Inference Protocol.
+
+Each handler converts its request (service.converters), delegates to the
+engine or the job queue, and converts the result back. Handlers raise domain
+errors; service.errors maps them to status codes for every handler at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+
+import evolve
+from evolve.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from service import converters
+from service.errors import UnavailableError
+from service.event_log import EventLog
+from service.gen.evolve.v1 import evolve_pb2, evolve_pb2_grpc
+from service.gen.inference import grpc_predict_v2_pb2 as infer_pb2
+from service.gen.inference import grpc_predict_v2_pb2_grpc as infer_pb2_grpc
+from service.jobs import Jobs
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "evolve"
+MAX_WAIT_SECONDS = 600.0
+WATCH_POLL_SECONDS = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    engine: Any  # evolve.engine.Engine (imported lazily: it loads JAX)
+    jobs: Jobs
+    events: EventLog
+
+
+class Backend:
+    """What the servicers delegate to; UNAVAILABLE until the engine is loaded."""
+
+    def __init__(self, *, max_watchers: int = 16):
+        self._loaded: Loaded | None = None
+        self._draining = False
+        self._watchers = threading.BoundedSemaphore(max_watchers)
+        self._max_watchers = max_watchers
+
+    def attach(self, engine: Any, jobs: Jobs, events: EventLog) -> None:
+        self._loaded = Loaded(engine, jobs, events)
+
+    def drain(self) -> None:
+        self._draining = True
+
+    @property
+    def loaded(self) -> Loaded | None:
+        return self._loaded
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded is not None and not self._draining
+
+    def require(self) -> Loaded:
+        loaded = self._loaded
+        if loaded is None:
+            raise UnavailableError("the server is still loading its system; retry shortly", retry_after_s=2.0)
+        return loaded
+
+    def watcher_slot(self) -> threading.BoundedSemaphore:
+        """A slot for one WatchEvolution stream (each holds a server thread)."""
+        if not self._watchers.acquire(blocking=False):
+            raise ResourceExhaustedError(f"too many WatchEvolution streams (at most {self._max_watchers})", 10.0)
+        return self._watchers
+
+
+def predict(engine: Any, task: str, images: np.ndarray, version: str = "", field: str = "task"):
+    """The one prediction path of Predict and ModelInfer."""
+    if not task:
+        raise InvalidArgumentError(field, "a task name is required")
+    prediction = engine.predict(task, images)
+    if version and version != str(prediction.path_version):
+        # Only the current version is served; an older one is gone for good.
+        raise NotFoundError("model version", f"{task}/{version}")
+    return prediction
+
+
+class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
+    def __init__(self, backend: Backend):
+        self._backend = backend
+
+    def _operation(self, loaded: Loaded, record) -> evolve_pb2.Operation:
+        task = None
+        if record.done and record.error is None and record.task:
+            try:
+                task = loaded.engine.task(record.task)
+            except NotFoundError:
+                task = None
+        return converters.operation_to_proto(record, task)
+
+    def SubmitTask(self, request, context):
+        loaded = self._backend.require()
+        spec = converters.spec_from_proto(request.spec)
+        try:
+            record = loaded.jobs.submit(spec, request.request_id)
+        except InvalidArgumentError as error:  # the data layer names spec-relative fields
+            raise InvalidArgumentError(
+                converters.spec_error_field(error.field, request.spec), error.description
+            ) from None
+        return self._operation(loaded, record)
+
+    def GetOperation(self, request, context):
+        loaded = self._backend.require()
+        return self._operation(loaded, loaded.jobs.get(request.name))
+
+    def ListOperations(self, request, context):
+        loaded = self._backend.require()
+        records, token = converters.page(loaded.jobs.list(request.task), request.page_size, request.page_token)
+        return evolve_pb2.ListOperationsResponse(
+            operations=[self._operation(loaded, r) for r in records], next_page_token=token
+        )
+
+    def CancelOperation(self, request, context):
+        loaded = self._backend.require()
+        return self._operation(loaded, loaded.jobs.cancel(request.name))
+
+    def WaitOperation(self, request, context):
+        loaded = self._backend.require()
+        if request.timeout_seconds < 0:
+            raise InvalidArgumentError("timeout_seconds", "must not be negative")
+        timeout = min(request.timeout_seconds or MAX_WAIT_SECONDS, MAX_WAIT_SECONDS)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, max(remaining - 0.2, 0.0))  # answer before the deadline
+        record = loaded.jobs.wait(request.name, timeout, keep_waiting=context.is_active)
+        return self._operation(loaded, record)
+
+    def GetTask(self, request, context):
+        loaded = self._backend.require()
+        if not request.name:
+            raise InvalidArgumentError("name", "a task name is required")
+        return converters.task_to_proto(loaded.engine.task(request.name))
+
+    def ListTasks(self, request, context):
+        loaded = self._backend.require()
+        tasks, token = converters.page(loaded.engine.tasks(), request.page_size, request.page_token)
+        return evolve_pb2.ListTasksResponse(tasks=[converters.task_to_proto(t) for t in tasks], next_page_token=token)
+
+    def Improve(self, request, context):
+        loaded = self._backend.require()
+        return self._operation(loaded, loaded.jobs.improve(request.task, request.request_id))
+
+    def WatchEvolution(self, request, context) -> Iterator[evolve_pb2.Event]:
+        loaded = self._backend.require()
+        if request.after_sequence < 0:
+            raise InvalidArgumentError("after_sequence", "must not be negative")
+        slot = self._backend.watcher_slot()
+        try:
+            yield from _follow(loaded.events, request.task, request.after_sequence, context)
+        finally:
+            slot.release()
+
+    def Predict(self, request, context):
+        loaded = self._backend.require()
+        images = converters.images_from_predict_request(request)
+        return converters.predict_response(predict(loaded.engine, request.task, images))
+
+    def GetSystem(self, request, context):
+        loaded = self._backend.require()
+        return converters.summary_to_proto(loaded.engine.summary())
+
+
+def _follow(events: EventLog, task: str, after: int, context) -> Iterator[evolve_pb2.Event]:
+    """Retained events newer than `after`, then live ones until the client leaves
+    or the server shuts down."""
+    cursor = after
+    while True:
+        batch, cursor = events.read(cursor, task)
+        for logged in batch:
+            yield converters.event_to_proto(logged)
+        if not context.is_active() or events.closed:
+            return
+        events.wait_after(cursor, WATCH_POLL_SECONDS)
+
+
+class InferenceServicer(infer_pb2_grpc.GRPCInferenceServiceServicer):
+    """The Open Inference Protocol (KServe v2): model name = task name."""
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+
+    def ServerLive(self, request, context):
+        return infer_pb2.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        return infer_pb2.ServerReadyResponse(ready=self._backend.ready)
+
+    def ModelReady(self, request, context):
+        loaded = self._backend.require()
+        try:
+            info = loaded.engine.task(request.name)
+        except NotFoundError:
+            return infer_pb2.ModelReadyResponse(ready=False)
+        ready = info.status == "READY" and request.version in ("", str(info.path_version))
+        return infer_pb2.ModelReadyResponse(ready=ready)
+
+    def ServerMetadata(self, request, context):
+        return infer_pb2.ServerMetadataResponse(name=SERVER_NAME, version=evolve.__version__, extensions=[])
+
+    def ModelMetadata(self, request, context):
+        loaded = self._backend.require()
+        if not request.name:
+            raise InvalidArgumentError("name", "a model name is required")
+        info = loaded.engine.task(request.name)
+        if request.version and request.version != str(info.path_version):
+            raise NotFoundError("model version", f"{request.name}/{request.version}")
+        return converters.model_metadata(info)
+
+    def ModelInfer(self, request, context):
+        loaded = self._backend.require()
+        outputs = converters.requested_outputs(request)
+        images = converters.images_from_infer_request(request)
+        prediction = predict(loaded.engine, request.model_name, images, request.model_version, field="model_name")
+        return converters.infer_response(prediction, request, outputs)
