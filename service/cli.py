@@ -1,0 +1,810 @@
+"""`evolve`: the command line of an evolve server.
+
+    evolve serve --port 8500 --state-dir state/       start a server
+    evolve submit digits --bundled digits --watch     add a task, follow its search
+    evolve tasks | task NAME | operations | system    inspect
+    evolve predict digits --images a.png b.png        classify images
+    evolve demo                                       the whole story on the bundled tasks
+
+Global options (--server, --token, --tls-ca, --json, --timeout) go before or
+after the subcommand. Exit codes: 0 ok, 1 an RPC or operation failed, 2 usage.
+Only `serve` imports the training stack (JAX); `demo` runs the server in a
+subprocess, and the other commands need nothing beyond gRPC and numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable, Sequence, TextIO
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from evolve import types
+from service import client as client_lib
+from service.gen.evolve.v1 import evolve_pb2
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PREDICT_BATCH = 256
+
+
+class UsageError(Exception):
+    """Bad command-line input found after parsing (exit code 2)."""
+
+
+# ---- formatting ----------------------------------------------------------------
+
+
+def to_jsonable(value: Any) -> Any:
+    """Protos as MessageToDict (proto field names, defaults included); lists and dicts recursively."""
+    if isinstance(value, Message):
+        return json_format.MessageToDict(
+            value, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def print_json(value: Any, out: TextIO | None = None, *, indent: int | None = 2) -> None:
+    print(json.dumps(to_jsonable(value), indent=indent, sort_keys=False), file=out or sys.stdout, flush=True)
+
+
+def human(value: float) -> str:
+    """A count with an SI suffix: 950, 12.3k, 4.56M, 7.8G."""
+    value = float(value)
+    for limit, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            return f"{value / limit:.3g}{suffix}"
+    return f"{value:.0f}" if value == int(value) else f"{value:.3g}"
+
+
+def percent(fraction: float) -> str:
+    return f"{100.0 * fraction:.1f}%"
+
+
+def short_id(identifier: str, width: int = 14) -> str:
+    """An id cut in the middle to `width` characters."""
+    if len(identifier) <= width:
+        return identifier
+    keep = width - 1
+    return identifier[: keep - keep // 2] + "~" + identifier[-(keep // 2):]
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A plain text table with columns padded to their widest cell."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def source_text(spec: evolve_pb2.TaskSpec) -> str:
+    """One line naming a spec's data source."""
+    kind = spec.WhichOneof("source")
+    if kind == "bundled":
+        return f"bundled {spec.bundled.name}"
+    if kind == "npz":
+        return f"npz {spec.npz.path}"
+    if kind == "image_folder":
+        return f"image folder {spec.image_folder.path}"
+    if kind == "tfds":
+        where = f" (data_dir {spec.tfds.data_dir})" if spec.tfds.HasField("data_dir") else ""
+        return f"tfds {spec.tfds.name}{where}"
+    return "-"
+
+
+def render_tasks(tasks: Sequence[evolve_pb2.Task]) -> str:
+    if not tasks:
+        return "no tasks"
+    rows = [
+        (
+            t.name, client_lib.task_status_name(t), t.path_version, f"{t.best_score:.4f}",
+            percent(t.validation_accuracy), percent(t.test_accuracy) if t.test_accuracy else "-",
+            human(t.params), human(t.accounted_params), human(t.flops), ", ".join(t.shares_with) or "-",
+        )
+        for t in tasks
+    ]
+    header = ("NAME", "STATUS", "VERSION", "SCORE", "VALIDATION", "TEST", "OWN PARAMS", "ACCOUNTED", "FLOPS",
+              "SHARES WITH")
+    return table(rows, header)
+
+
+def render_task(task: evolve_pb2.Task, *, all_hparams: bool = False) -> str:
+    lines = [
+        f"task {task.name}: {client_lib.task_status_name(task)} (model version {task.path_version})",
+        f"  source:       {source_text(task.spec)}",
+        f"  classes:      {task.num_classes}",
+        f"  score:        {task.best_score:.4f}",
+        f"  accuracy:     validation {percent(task.validation_accuracy)}, test "
+        + (percent(task.test_accuracy) if task.test_accuracy else "-"),
+        f"  parameters:   {task.params:,} own, {task.accounted_params:,.0f} accounted (shared ones divided)",
+        f"  FLOPs/image:  {human(task.flops)}",
+        f"  shares with:  {', '.join(task.shares_with) or 'no other task'}",
+        "  components:",
+    ]
+    rows = [(c.name, c.id, human(c.params), ", ".join(c.locked_by) or "-") for c in task.components]
+    lines += ["    " + line for line in table(rows, ("NAME", "ID", "PARAMS", "LOCKED BY")).splitlines()]
+    learned = sorted(k for k in task.hparams if k.startswith("_mu_|"))
+    shown = sorted(k for k in task.hparams if all_hparams or not k.startswith("_mu_|"))
+    lines.append("  hyperparameters:")
+    lines += [f"    {key} = {task.hparams[key]}" for key in shown]
+    if learned and not all_hparams:
+        lines.append(f"    (+ {len(learned)} learned mutation probabilities _mu_|...; --all shows them)")
+    return "\n".join(lines)
+
+
+def render_operation(operation: evolve_pb2.Operation) -> str:
+    meta = operation.metadata
+    state = client_lib.operation_state_name(operation)
+    text = f"{operation.name}: {meta.kind or 'search'} of {meta.task or 'all tasks'} {state}"
+    if meta.generations:
+        text += f", generation {meta.generation}/{meta.generations}, {meta.candidates_scored} candidates scored"
+    if meta.best_score or meta.best_quality:
+        text += f", best score {meta.best_score:.4f} (validation {percent(meta.best_quality)})"
+    if operation.HasField("error"):
+        text += "\n  " + client_lib.describe_operation_error(operation.error).replace("\n", "\n  ")
+    return text
+
+
+def render_operations(operations: Sequence[evolve_pb2.Operation]) -> str:
+    if not operations:
+        return "no operations"
+    rows = []
+    for op in operations:
+        meta = op.metadata
+        created = meta.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if meta.HasField("create_time") else "-"
+        rows.append((op.name, meta.kind or "-", meta.task or "(all)", client_lib.operation_state_name(op),
+                     f"{meta.generation}/{meta.generations}", meta.candidates_scored, f"{meta.best_score:.4f}",
+                     created))
+    return table(rows, ("NAME", "KIND", "TASK", "STATE", "GENERATION", "SCORED", "BEST SCORE", "CREATED"))
+
+
+def render_system(summary: evolve_pb2.SystemSummary) -> str:
+    lines = [
+        f"system: {summary.num_tasks} tasks, {summary.num_components} components, "
+        f"{summary.total_params:,} parameters",
+        f"  root model: {summary.root_model or '-'}, configuration: {summary.config_name or '-'}, "
+        f"checkpoint step: {summary.checkpoint_step}",
+        "  parameters charged per task (shared components divided):",
+    ]
+    lines += [f"    {task}: {params:,.0f}" for task, params in sorted(summary.params_per_task.items())]
+    lines.append("  sharing graph:" if summary.edges else "  sharing graph: no task shares a component yet")
+    lines += [f"    {e.task_a} -- {e.task_b}: {e.shared_components} shared components" for e in summary.edges]
+    return "\n".join(lines)
+
+
+# ---- the live view of an evolution ------------------------------------------------
+
+CANDIDATE_HEADER = ("gen", "path", "parent task", "score", "quality", "params", "FLOPs", "accepted", "mutations")
+_WIDTHS = (4, 14, 14, 7, 7, 7, 7, 8, 0)
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "  ".join(c.ljust(w) if w else c for c, w in zip(cells, _WIDTHS)).rstrip()
+
+
+def _mutations(names: Sequence[str], width: int = 60) -> str:
+    text = ""
+    for i, name in enumerate(names):
+        candidate = f"{text}, {name}" if text else name
+        if len(candidate) > width:
+            return f"{text} (+{len(names) - i} more)"
+        text = candidate
+    return text or "-"
+
+
+def _seconds(event: evolve_pb2.Event) -> float:
+    """When an event happened (server clock), or now when it carries no time."""
+    return event.time.ToNanoseconds() / 1e9 if event.HasField("time") else time.time()
+
+
+class _Progress:
+    """Per-operation progress for the bar."""
+
+    def __init__(self, task: str, first_event_time: float):
+        self.task = task
+        self.started = time.monotonic()
+        self.first_event_time = first_event_time
+        self.generation = 0
+        self.generations = 0
+        self.candidates = 0
+        self.scored_in_generation = 0
+        self.best_score: float | None = None
+        self.best_path = ""
+
+    def fraction(self) -> float:
+        if not self.generations or not self.candidates:
+            return 0.0
+        done = (max(self.generation, 1) - 1) * self.candidates + min(self.scored_in_generation, self.candidates)
+        return min(done / (self.generations * self.candidates), 1.0)
+
+
+class EvolutionView:
+    """Renders Event protos: a line per generation, a table row per candidate,
+    the results of each search; on a terminal a progress bar below them.
+
+    With `json_lines`, every event is one JSON object on its own line.
+    """
+
+    def __init__(self, out: TextIO | None = None, *, tty: bool | None = None, json_lines: bool = False,
+                 bar_width: int = 24):
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty() if tty is None else tty
+        self.json_lines = json_lines
+        self.bar_width = bar_width
+        self._progress: dict[str, _Progress] = {}
+        self._active: str | None = None
+        self._status_shown = False
+
+    # -- output
+
+    def _clear_status(self) -> None:
+        if self._status_shown:
+            self.out.write("\r\x1b[K")
+            self._status_shown = False
+
+    def _line(self, text: str) -> None:
+        self._clear_status()
+        self.out.write(text + "\n")
+
+    def _draw_status(self) -> None:
+        if not self.tty or self._active is None or self._active not in self._progress:
+            return
+        progress = self._progress[self._active]
+        filled = int(round(progress.fraction() * self.bar_width))
+        bar = "#" * filled + "-" * (self.bar_width - filled)
+        best = f"  best {progress.best_score:.4f}" if progress.best_score is not None else ""
+        elapsed = time.monotonic() - progress.started
+        self.out.write(
+            f"\r\x1b[K{progress.task} [{bar}] {100 * progress.fraction():3.0f}%  generation "
+            f"{progress.generation}/{progress.generations}{best}  {elapsed:.0f}s"
+        )
+        self._status_shown = True
+
+    def close(self) -> None:
+        """Removes the progress bar (call once the view is done)."""
+        self._clear_status()
+        self.out.flush()
+
+    # -- events
+
+    def handle(self, event: evolve_pb2.Event) -> None:
+        if self.json_lines:
+            print_json(event, self.out, indent=None)
+            return
+        kind = event.WhichOneof("kind")
+        key = f"{event.operation}|{event.task}"  # an operation over every task runs one search per task
+        if kind and kind != "checkpoint_written" and key not in self._progress:
+            self._progress[key] = _Progress(event.task, _seconds(event))
+        progress = self._progress.get(key)
+        tag = f"[{event.task}]" if event.task else "[system]"
+        if kind == "generation_started":
+            started = event.generation_started
+            progress.generation, progress.generations = started.generation, started.generations
+            progress.candidates, progress.scored_in_generation = started.candidates, 0
+            self._active = key
+            self._line(f"{tag} generation {started.generation}/{started.generations}: "
+                       f"{started.candidates} candidates  ({event.operation or 'no operation'})")
+            self._line("  " + _row(CANDIDATE_HEADER))
+        elif kind == "candidate_scored":
+            scored = event.candidate_scored
+            progress.scored_in_generation += 1
+            self._active = key
+            cells = (
+                str(scored.generation), short_id(scored.path_id or "-"), short_id(scored.parent_task or "-"),
+                f"{scored.score:.4f}", percent(scored.quality), human(scored.params), human(scored.flops),
+                "yes" if scored.accepted_into_population else "no", _mutations(scored.mutations),
+            )
+            self._line("  " + _row(cells))
+        elif kind == "candidate_accepted":
+            accepted = event.candidate_accepted
+            progress.best_score = accepted.score
+            if accepted.path_id != progress.best_path:  # searches re-announce an unchanged best
+                progress.best_path = accepted.path_id
+                self._line(f"{tag} new best: {accepted.path_id} score {accepted.score:.4f} "
+                           f"(validation {percent(accepted.quality)})")
+        elif kind == "search_finished":
+            done = event.search_finished
+            if done.state == "SUCCEEDED":
+                test = f", test {percent(done.test_accuracy)}" if done.test_accuracy else ""
+                took = _seconds(event) - progress.first_event_time
+                self._line(f"{tag} search SUCCEEDED in {took:.0f}s: model "
+                           f"{done.path_id or '-'}, score {done.score:.4f}, validation {percent(done.quality)}{test}")
+            else:
+                self._line(f"{tag} search {done.state or 'ENDED'}: {done.message or 'no message'}")
+            if self._active == key:
+                self._active = None
+        elif kind == "checkpoint_written":
+            written = event.checkpoint_written
+            self._line(f"{tag} checkpoint step {written.step} written ({written.new_components} new components)"
+                       + (f" to {written.directory}" if written.directory else ""))
+        self._draw_status()
+        self.out.flush()
+
+
+def follow_operations(
+    client: client_lib.EvolveClient,
+    operations: Iterable[str],
+    view: EvolutionView,
+    *,
+    task: str | None = None,
+    poll_seconds: float = 3.0,
+    linger_seconds: float = 1.0,
+) -> None:
+    """Shows the events of the given operations until all have finished.
+
+    Replays the retained events first, so nothing since submission is missed.
+    An operation of one task ends with its SearchFinished event (plus
+    `linger_seconds` for the checkpoint that follows); one over every task
+    runs several searches and ends when the server reports it done. A
+    watchdog polls the operations, so the view also ends when an operation
+    is done but its events are no longer retained. Checkpoint events without
+    an operation are shown once one of ours has produced an event.
+    """
+    names = list(dict.fromkeys(operations))
+    if not names:
+        return
+    single_task = {name for name in names if client.get_operation(name).metadata.task}
+    pending = set(names)
+    lock = threading.Lock()
+    stream = client.watch(task=task)
+    stop = threading.Event()
+
+    def finish(name: str, delay: float) -> None:
+        with lock:
+            pending.discard(name)
+            empty = not pending
+        if empty:
+            timer = threading.Timer(delay, stream.cancel)
+            timer.daemon = True
+            timer.start()
+
+    def watchdog() -> None:
+        done_since: dict[str, float] = {}
+        while not stop.wait(poll_seconds):
+            with lock:
+                waiting = list(pending)
+            for name in waiting:
+                try:
+                    done = client_lib.is_finished(client.get_operation(name))
+                except grpc.RpcError:
+                    continue
+                if not done:
+                    done_since.pop(name, None)
+                elif time.monotonic() - done_since.setdefault(name, time.monotonic()) >= poll_seconds:
+                    finish(name, 0.0)  # done a while ago, yet its last event never came
+
+    threading.Thread(target=watchdog, name="evolve-follow-watchdog", daemon=True).start()
+    seen_any = False
+    try:
+        for event in stream:
+            if event.operation in names or (seen_any and not event.operation and not event.task):
+                seen_any = True
+                view.handle(event)
+            if event.operation in single_task and event.WhichOneof("kind") == "search_finished":
+                finish(event.operation, linger_seconds)
+    finally:
+        stop.set()
+        stream.cancel()
+        view.close()
+
+
+# ---- task specs from the command line ----------------------------------------------
+
+
+def build_spec(args: argparse.Namespace) -> types.TaskSpec:
+    """The TaskSpec a `submit` command line describes."""
+    if args.bundled:
+        source: types.TaskSource = types.BundledSource(name=args.bundled)
+    elif args.tfds:
+        source = types.TfdsSource(
+            name=args.tfds,
+            data_dir=args.data_dir,
+            train_split=args.train_split,
+            validation_split=args.validation_split or None,
+            test_split=args.test_split or None,
+            image_key=args.image_key,
+            label_key=args.label_key,
+        )
+    elif args.npz:
+        source = types.NpzSource(path=args.npz)
+    else:
+        source = types.ImageFolderSource(
+            path=args.image_folder, validation_fraction=args.validation_fraction, test_fraction=args.test_fraction
+        )
+    tfds_only = ("data_dir", "validation_split")
+    if not args.tfds and any(getattr(args, name) is not None for name in tfds_only):
+        raise UsageError("--data-dir and --validation-split only apply to --tfds")
+    budget = types.SearchBudget(
+        generations=args.generations,
+        candidates_per_generation=args.candidates,
+        train_rounds=args.rounds,
+        examples_per_round=args.examples_per_round,
+    )
+    return types.TaskSpec(name=args.name, source=source, budget=budget)
+
+
+# ---- the parser ------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _add_connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """Options every client command takes; on subcommands they default to
+    SUPPRESS so a value given before the subcommand survives."""
+    env = os.environ
+
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    group = parser.add_argument_group("connection and output")
+    # Help texts name the real defaults: "%(default)s" would show SUPPRESS on subcommands.
+    group.add_argument("--server", default=default(env.get("EVOLVE_SERVER", client_lib.DEFAULT_TARGET)),
+                       help=f"host:port of the server (env EVOLVE_SERVER; default {client_lib.DEFAULT_TARGET})")
+    group.add_argument("--token", default=default(env.get("EVOLVE_TOKEN")),
+                       help="bearer token sent with every call (env EVOLVE_TOKEN)")
+    group.add_argument("--tls-ca", default=default(env.get("EVOLVE_TLS_CA")),
+                       help="PEM CA bundle: connect with TLS (env EVOLVE_TLS_CA)")
+    group.add_argument("--tls-server-name", default=default(None),
+                       help="name to check the server certificate against (default: the host)")
+    group.add_argument("--timeout", type=float, default=default(client_lib.DEFAULT_TIMEOUT_S),
+                       help=f"deadline of each call in seconds (default {client_lib.DEFAULT_TIMEOUT_S:g})")
+    group.add_argument("--json", action="store_true", default=default(False),
+                       help="machine-readable JSON output")
+
+
+def _add_follow_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--request-id", help="client-chosen id that makes a retry safe")
+    parser.add_argument("--wait", action="store_true", help="wait until the search is done")
+    parser.add_argument("--watch", action="store_true",
+                        help="show the search live until it is done (with --json: JSON lines)")
+    parser.add_argument("--wait-timeout", type=float, default=None,
+                        help="give up waiting after this many seconds (default: never)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evolve", description="Command line of an evolve server (continual multitask training).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `evolve COMMAND --help` for a command's options.",
+    )
+    _add_connection_options(parser, defaults=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, **kwargs) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, **kwargs)
+        _add_connection_options(sub, defaults=False)
+        return sub
+
+    commands.add_parser("serve", help="run a server (options: evolve serve --help)", add_help=False)
+
+    submit = command("submit", "add a task and start its search")
+    submit.add_argument("name", help="task name (also its model name for inference)")
+    sources = submit.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--bundled", metavar="NAME", help="a bundled demo data set (digits, digits_parity, ...)")
+    sources.add_argument("--tfds", metavar="DATASET", help="a TensorFlow Datasets name, e.g. cifar10")
+    sources.add_argument("--npz", metavar="FILE", help="a .npz file of arrays, as the server sees its path")
+    sources.add_argument("--image-folder", metavar="DIR", help="a folder with one sub-folder per class")
+    tfds = submit.add_argument_group("tfds options")
+    tfds.add_argument("--data-dir", help="where TFDS finds the data (server side)")
+    tfds.add_argument("--train-split", default="train")
+    tfds.add_argument("--validation-split", help="default: a slice of the train split")
+    tfds.add_argument("--test-split", default="test", help="'' for none (default %(default)s)")
+    tfds.add_argument("--image-key", default="image")
+    tfds.add_argument("--label-key", default="label")
+    folder = submit.add_argument_group("image folder options")
+    folder.add_argument("--validation-fraction", type=_fraction, default=0.1)
+    folder.add_argument("--test-fraction", type=_fraction, default=0.1)
+    budget = submit.add_argument_group("search budget (default: the server's configuration)")
+    budget.add_argument("--generations", type=_positive_int)
+    budget.add_argument("--candidates", type=_positive_int, help="candidates per generation")
+    budget.add_argument("--rounds", type=_positive_int, help="training rounds per candidate")
+    budget.add_argument("--examples-per-round", type=_positive_int)
+    _add_follow_options(submit)
+
+    command("tasks", "list the tasks")
+    task = command("task", "one task in detail: scores, parameters, components, hyperparameters")
+    task.add_argument("name")
+    task.add_argument("--all", action="store_true", help="also the learned mutation probabilities")
+
+    watch = command("watch", "show the evolution live (Ctrl-C stops)")
+    watch.add_argument("--task", help="only this task's events")
+    watch.add_argument("--after", type=int, default=0, metavar="N",
+                       help="replay retained events after sequence N (default 0: all retained)")
+    watch.add_argument("--operation", help="stop once this operation's search has finished")
+
+    predict = command("predict", "classify images with a task's model")
+    predict.add_argument("task")
+    inputs = predict.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--images", nargs="+", metavar="FILE", help="PNG or JPEG files")
+    inputs.add_argument("--npz", metavar="FILE", help="a local .npz file with an image array")
+    predict.add_argument("--key", default="test_images", help="array of --npz to classify (default %(default)s)")
+    predict.add_argument("--limit", type=_positive_int, help="classify only the first N images")
+
+    improve = command("improve", "start a generalization search of a task (default: every task)")
+    improve.add_argument("task", nargs="?")
+    _add_follow_options(improve)
+
+    cancel = command("cancel", "cancel an operation")
+    cancel.add_argument("operation", help="operations/<id>")
+
+    operations = command("operations", "list operations")
+    operations.add_argument("--task", help="only this task's operations")
+
+    operation = command("operation", "one operation (add --wait to block until done)")
+    operation.add_argument("operation", help="operations/<id>")
+    operation.add_argument("--wait", action="store_true")
+    operation.add_argument("--wait-timeout", type=float, default=None)
+
+    system = command("system", "totals, parameters per task and the sharing graph")
+    system.add_argument("--dot", metavar="FILE", help="write the sharing graph in Graphviz DOT")
+
+    command("health", "the server's health status")
+
+    demo = commands.add_parser("demo", help="start a server and run the bundled demo end to end",
+                               description="Starts a real server, trains the three bundled demo tasks and "
+                                           "shows evolution, accuracy, sharing and predictions.")
+    demo.add_argument("--state-dir", default="state/demo",
+                      help="the server's state; a second run reuses it (default %(default)s)")
+    demo.add_argument("--port", type=int, default=0, help="server port (default 0: a free one)")
+    demo.add_argument("--keep-server", action="store_true", help="leave the server running at the end")
+    demo.add_argument("--quick", action="store_true",
+                      help="a smaller model and search for a new system (tests, impatient people)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="configuration override passed to the server (repeatable)")
+    demo.add_argument("--startup-timeout", type=float, default=180.0,
+                      help="seconds the server may take to load (default %(default)s)")
+    return parser
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+
+def _connect(args: argparse.Namespace) -> client_lib.EvolveClient:
+    return client_lib.EvolveClient(args.server, token=args.token, tls_ca=args.tls_ca,
+                                   tls_server_name=args.tls_server_name, timeout=args.timeout)
+
+
+def _operation_result(client: client_lib.EvolveClient, args: argparse.Namespace,
+                      operation: evolve_pb2.Operation) -> int:
+    """After submit / improve: follow or wait as asked, then report."""
+    if not args.json:
+        print(render_operation(operation), flush=True)
+    if args.watch and not client_lib.is_finished(operation):
+        view = EvolutionView(json_lines=args.json)
+        follow_operations(client, [operation.name], view, task=operation.metadata.task or None)
+    if args.watch or args.wait:
+        operation = client.wait_done(operation.name, timeout=args.wait_timeout)
+        if args.json:  # with --watch, JSON lines: the events, then the operation
+            print_json(operation, indent=None if args.watch else 2)
+        else:
+            print(render_operation(operation))
+            if operation.HasField("response") and operation.response.HasField("task"):
+                print(render_task(operation.response.task))
+        state = client_lib.operation_state_name(operation)
+        return EXIT_OK if not operation.HasField("error") and state != "FAILED" else EXIT_FAILED
+    if args.json:
+        print_json(operation)
+    return EXIT_OK
+
+
+def cmd_submit(client, args) -> int:
+    spec = build_spec(args)
+    operation = client.submit_task(spec, request_id=args.request_id)
+    return _operation_result(client, args, operation)
+
+
+def cmd_improve(client, args) -> int:
+    operation = client.improve(args.task, request_id=args.request_id)
+    return _operation_result(client, args, operation)
+
+
+def cmd_tasks(client, args) -> int:
+    tasks = client.list_tasks()
+    print_json({"tasks": tasks}) if args.json else print(render_tasks(tasks))
+    return EXIT_OK
+
+
+def cmd_task(client, args) -> int:
+    task = client.get_task(args.name)
+    print_json(task) if args.json else print(render_task(task, all_hparams=args.all))
+    return EXIT_OK
+
+
+def cmd_watch(client, args) -> int:
+    view = EvolutionView(json_lines=args.json)
+    if args.operation:
+        follow_operations(client, [args.operation], view, task=args.task)
+        return EXIT_OK
+    with client.watch(task=args.task, after_sequence=args.after) as stream:
+        try:
+            for event in stream:
+                view.handle(event)
+        finally:
+            view.close()
+    return EXIT_OK
+
+
+def _load_npz_images(path: str, key: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images under `key` of a local .npz and, when present, the matching labels."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no such file: {path}")
+    with np.load(path, allow_pickle=False) as archive:
+        if key not in archive.files:
+            raise UsageError(f"{path} has no array {key!r}; it has: {', '.join(archive.files)}")
+        images = archive[key]
+        label_key = key[: -len("_images")] + "_labels" if key.endswith("_images") else None
+        labels = archive[label_key] if label_key and label_key in archive.files else None
+    return images, labels
+
+
+def cmd_predict(client, args) -> int:
+    labels = None
+    if args.images:
+        names = list(args.images[: args.limit] if args.limit else args.images)
+        blobs = []
+        for name in names:
+            if not os.path.isfile(name):
+                raise UsageError(f"no such file: {name}")
+            with open(name, "rb") as f:
+                blobs.append(f.read())
+        batches = [client.predict_encoded(args.task, blobs[i:i + PREDICT_BATCH])
+                   for i in range(0, len(blobs), PREDICT_BATCH)]
+    else:
+        images, labels = _load_npz_images(args.npz, args.key)
+        if args.limit:
+            images = images[: args.limit]
+            labels = None if labels is None else labels[: args.limit]
+        names = [f"{args.key}[{i}]" for i in range(len(images))]
+        batches = [client.predict(args.task, images[i:i + PREDICT_BATCH])
+                   for i in range(0, len(images), PREDICT_BATCH)]
+    classes = np.concatenate([b.classes for b in batches]) if batches else np.zeros(0, np.int64)
+    probabilities = [float(b.probabilities[j, c]) for b in batches for j, c in enumerate(b.classes)]
+    class_names = [n for b in batches for n in b.class_names]
+    version = batches[0].version if batches else 0
+    records = []
+    for i, name in enumerate(names):
+        record = {"input": name, "class": int(classes[i]), "probability": probabilities[i]}
+        if class_names:
+            record["class_name"] = class_names[i]
+        if labels is not None:
+            record["label"] = int(labels[i])
+        records.append(record)
+    accuracy = float(np.mean(classes == np.asarray(labels))) if labels is not None and len(names) else None
+    if args.json:
+        result = {"task": args.task, "version": version, "predictions": records}
+        if accuracy is not None:
+            result["accuracy"] = accuracy
+        print_json(result)
+        return EXIT_OK
+    header = ["INPUT", "CLASS", "PROBABILITY"] + (["TRUE"] if labels is not None else [])
+    rows = []
+    for record in records:
+        shown = str(record["class"]) + (f" ({record['class_name']})" if "class_name" in record
+                                        and record["class_name"] != str(record["class"]) else "")
+        row = [record["input"], shown, f"{record['probability']:.3f}"]
+        if labels is not None:
+            row.append(str(record["label"]) + ("" if record["label"] == record["class"] else "  <- wrong"))
+        rows.append(row)
+    print(f"task {args.task}, model version {version}:")
+    print(table(rows, header))
+    if accuracy is not None:
+        print(f"accuracy {percent(accuracy)} on {len(names)} images")
+    return EXIT_OK
+
+
+def cmd_cancel(client, args) -> int:
+    operation = client.cancel_operation(args.operation)
+    print_json(operation) if args.json else print(render_operation(operation))
+    return EXIT_OK
+
+
+def cmd_operations(client, args) -> int:
+    operations = client.list_operations(task=args.task)
+    print_json({"operations": operations}) if args.json else print(render_operations(operations))
+    return EXIT_OK
+
+
+def cmd_operation(client, args) -> int:
+    if args.wait:
+        operation = client.wait_done(args.operation, timeout=args.wait_timeout)
+    else:
+        operation = client.get_operation(args.operation)
+    print_json(operation) if args.json else print(render_operation(operation))
+    return EXIT_OK
+
+
+def cmd_system(client, args) -> int:
+    summary = client.system()
+    if args.dot:
+        with open(args.dot, "w", encoding="utf-8") as f:
+            f.write(summary.dot if summary.dot.endswith("\n") or not summary.dot else summary.dot + "\n")
+    if args.json:
+        print_json(summary)
+    else:
+        print(render_system(summary))
+        if args.dot:
+            print(f"sharing graph written to {args.dot} (render: dot -Tsvg {args.dot} -o system.svg)")
+    return EXIT_OK
+
+
+def cmd_health(client, args) -> int:
+    status = client.health()
+    print_json({"status": status}) if args.json else print(status)
+    return EXIT_OK if status == "SERVING" else EXIT_FAILED
+
+
+COMMANDS: dict[str, Callable[[client_lib.EvolveClient, argparse.Namespace], int]] = {
+    "submit": cmd_submit, "improve": cmd_improve, "tasks": cmd_tasks, "task": cmd_task, "watch": cmd_watch,
+    "predict": cmd_predict, "cancel": cmd_cancel, "operations": cmd_operations, "operation": cmd_operation,
+    "system": cmd_system, "health": cmd_health,
+}
+
+
+def _serve(argv: Sequence[str]) -> int:
+    from service import server  # lazy: the server imports JAX  # pylint: disable=import-outside-toplevel
+
+    parser = argparse.ArgumentParser(prog="evolve serve", description="Run an evolve server.")
+    server.add_serve_arguments(parser)
+    result = server.serve_from_args(parser.parse_args(list(argv)))
+    return int(result or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return _serve(extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "demo":
+            from service import demo  # pylint: disable=import-outside-toplevel
+
+            return demo.run_from_args(args)
+        with _connect(args) as client:
+            return COMMANDS[args.command](client, args)
+    except UsageError as error:
+        print(f"evolve: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except grpc.RpcError as error:
+        print(client_lib.describe_error(error), file=sys.stderr)
+        return EXIT_FAILED
+    except TimeoutError as error:
+        print(f"evolve: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `evolve watch | head`
+        sys.stderr.close()
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
