@@ -333,6 +333,7 @@ class Engine:
         )
         with self._lock:
             population = self._start_population(task)
+        leader_id = population[0].id if population else None
         for generation in range(generations):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("search cancelled")
@@ -369,8 +370,9 @@ class Engine:
                 population = selection.prune(population, config.population_size)
                 self.system.populations[task] = [p.id for p in population]
                 self.system.collect_garbage()
-            if population:
+            if population and population[0].id != leader_id:
                 leader = population[0]
+                leader_id = leader.id
                 emit(CandidateAccepted(task, leader.id, leader.score or 0.0, leader.quality or 0.0))
         return self._finish(task, population, data, emit)
 
@@ -572,7 +574,7 @@ class Engine:
     def summary(self) -> SystemSummary:
         with self._lock:
             system = self.system
-            per_task = {t: float(system.paths[p].accounted_params or 0.0) for t, p in system.best.items()}
+            per_task = {t: self._accounted_params(t) for t in system.best}
             sharing: dict[tuple[str, str], int] = {}
             for component in system.components.values():
                 lockers = sorted(component.locked_by)
@@ -590,6 +592,10 @@ class Engine:
                 config_name=system.config.name,
             )
 
+    def _accounted_params(self, task: str) -> float:
+        """The served path's parameters with sharing as it stands now."""
+        return scoring.accounted_params(self.system.path_components(self.system.best_path(task)), task)
+
     def _task_info(self, name: str) -> TaskInfo:
         record = self.system.tasks[name]
         info = TaskInfo(
@@ -605,7 +611,7 @@ class Engine:
         )
         return dataclasses.replace(
             info, best_score=path.score, validation_accuracy=path.quality, test_accuracy=path.test_accuracy,
-            params=sum(c.params for c in components), accounted_params=path.accounted_params or 0.0,
+            params=sum(c.params for c in components), accounted_params=self._accounted_params(name),
             flops=path.flops or 0.0, path_version=path.version, components=components,
             shares_with=tuple(self.system.tasks_sharing(name)), hparams=dict(path.hparams),
         )

@@ -79,8 +79,6 @@ class _Batches:
         self._hparams = data_hparams
         self._rng = np.random.default_rng(seed)
         self._static = augmentation_is_off(data_hparams)
-        self._train = train
-        self._preprocessed: dict[int, np.ndarray] = {}
 
     def next(self, image_sizes: Sequence[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
         images, labels = next(self._iterator)
@@ -115,11 +113,24 @@ def evaluate_accuracy(
 ) -> float:
     """Accuracy of a path's parameters on a whole image set (eval preprocessing)."""
     images = preprocess_eval(image_set.images, structure.image_size)
+    return accuracy_on(trainable, frozen, images, image_set.labels, structure, eval_batch_size, device)
+
+
+def accuracy_on(
+    trainable: Mapping[str, Params],
+    frozen: Mapping[str, Params],
+    images: np.ndarray,
+    labels: np.ndarray,
+    structure: PathStructure,
+    eval_batch_size: int,
+    device: jax.Device | None = None,
+) -> float:
+    """Accuracy on already preprocessed images."""
     correct = 0
-    for x, y, mask in _padded_eval_batches(images, image_set.labels, eval_batch_size):
+    for x, y, mask in _padded_eval_batches(images, labels, eval_batch_size):
         x, y, mask = jax.device_put((x, y, mask), device)
         correct += int(steps.count_correct(trainable, frozen, x, y, mask, structure=structure))
-    return correct / max(len(image_set.labels), 1)
+    return correct / max(len(labels), 1)
 
 
 class _CandidateState:
@@ -161,9 +172,9 @@ class _CandidateState:
         if steps.TRACE_COUNTS["train_step"] != traces_before:
             self.compile_seconds += time.perf_counter() - started
 
-    def validate(self, validation: ImageSet, eval_batch_size: int) -> None:
-        quality = evaluate_accuracy(
-            self.trainable, self.frozen, validation, self.plan.structure, eval_batch_size, self.device
+    def validate(self, images: np.ndarray, labels: np.ndarray, eval_batch_size: int) -> None:
+        quality = accuracy_on(
+            self.trainable, self.frozen, images, labels, self.plan.structure, eval_batch_size, self.device
         )
         score = self.plan.score_of_quality(quality)
         self.best_quality = max(self.best_quality, quality)
@@ -206,6 +217,8 @@ def train_candidates(
     ]
     image_sizes = sorted({plan.structure.image_size for plan in plans})
     batches = _Batches(data.train, settings.batch_size, data_hparams, seed)
+    # Validation images are preprocessed once per image size, not per candidate and round.
+    validation = {size: preprocess_eval(data.validation.images, size) for size in image_sizes}
     step_index = 0
     for _ in range(settings.rounds):
         for _ in range(steps_per_round):
@@ -216,5 +229,6 @@ def train_candidates(
                 state.step(step_index, by_size[state.plan.structure.image_size], labels)
             step_index += 1
         for state in states:
-            state.validate(data.validation, settings.eval_batch_size)
+            size = state.plan.structure.image_size
+            state.validate(validation[size], data.validation.labels, settings.eval_batch_size)
     return [state.result(total_steps) for state in states]
