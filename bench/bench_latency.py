@@ -1,0 +1,147 @@
+"""Predict latency over gRPC, with and without a search running beside it.
+
+Starts a real server (`python -m service.server`, temporary state directory,
+a fast search configuration), makes the bundled "digits" task ready, then
+measures back-to-back Predict calls twice:
+
+  idle    nothing else runs on the server;
+  search  while an extension search of another bundled task (with a larger
+          budget) trains on the same devices.
+
+Only samples taken while that search's operation is RUNNING count for the
+second column, for --busy-seconds (compiles of new candidate structures
+included, as in real use); the search is then cancelled. Prints p50 /
+p90 / p99 / max side by side, and one JSON line with --json.
+
+    python bench/bench_latency.py [--batch 1] [--requests 300] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import serving  # noqa: E402  (sets up sys.path and the JAX memory environment)
+
+TASK = "digits"
+BUSY_TASK = "digits_parity"
+RUNNING = 2  # evolve.v1.OPERATION_STATE_RUNNING
+QUANTILES = (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=1, help="images per Predict call")
+    parser.add_argument("--requests", type=int, default=300, help="timed calls while idle")
+    parser.add_argument("--busy-seconds", type=float, default=20.0, help="seconds of calls during the search")
+    parser.add_argument("--busy-generations", type=int, default=8, help="budget of the concurrent search")
+    parser.add_argument("--busy-examples", type=int, default=4096, help="examples per round of that search")
+    parser.add_argument("--busy-rounds", type=int, default=4)
+    parser.add_argument("--start-timeout", type=float, default=300.0,
+                        help="seconds to wait for the concurrent search to start running")
+    parser.add_argument("--state-dir", default=None, help="default: a temporary directory")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra server configuration overrides")
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--json", action="store_true", help="also print one JSON line")
+    return parser.parse_args(argv)
+
+
+def latencies(client, images, count: int, keep_going=lambda: True) -> list[float]:
+    """Seconds of up to `count` sequential Predict calls, while keep_going()."""
+    samples: list[float] = []
+    while len(samples) < count and keep_going():
+        started = time.perf_counter()
+        client.predict(TASK, images)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    summary = {name: round(serving.percentile_ms(samples, q), 3) for name, q in QUANTILES}
+    summary["samples"] = len(samples)
+    return summary
+
+
+def busy_latencies(client, images, args: argparse.Namespace) -> tuple[list[float], dict]:
+    """Latencies while BUSY_TASK's search runs; the search is cancelled after."""
+    spec = serving.bundled_spec(
+        BUSY_TASK, generations=args.busy_generations, train_rounds=args.busy_rounds,
+        examples_per_round=args.busy_examples,
+    )
+    operation = client.submit_task(spec)
+    name = operation.name
+    deadline = time.monotonic() + args.start_timeout
+    while (operation := client.get_operation(name)).metadata.state != RUNNING:
+        if operation.done or time.monotonic() > deadline:
+            raise RuntimeError(f"the concurrent search {name} never ran (is the search budget too small?)")
+        time.sleep(0.2)
+    time.sleep(2.0)  # past the data loading, into training
+    calls = {"count": 0}
+    stop_at = time.monotonic() + args.busy_seconds
+
+    def still_running() -> bool:
+        # Checking before every call would add an RPC per sample; every 10th is enough.
+        calls["count"] += 1
+        if time.monotonic() > stop_at:
+            return False
+        return calls["count"] % 10 != 0 or client.get_operation(name).metadata.state == RUNNING
+
+    samples = latencies(client, images, sys.maxsize, still_running)
+    final = client.get_operation(name)
+    info = {"operation": name, "still_running_at_end": final.metadata.state == RUNNING,
+            "generation": final.metadata.generation, "candidates_scored": final.metadata.candidates_scored}
+    if not final.done:
+        client.cancel_operation(name)
+    return samples, info
+
+
+def run(args: argparse.Namespace) -> dict:
+    overrides = list(serving.FAST_SEARCH) + list(args.set)
+    images = serving.digits_images(args.batch)
+    with serving.running_server(args.state_dir, overrides, startup_timeout=args.startup_timeout) as (_, client):
+        search_seconds = serving.run_task(client, serving.bundled_spec(TASK))
+        print(f"search of {TASK} done in {search_seconds:.1f}s", flush=True)
+        latencies(client, images, 20)  # warm-up: compile, connection
+        idle = latencies(client, images, args.requests)
+        print(f"idle: {len(idle)} samples", flush=True)
+        busy, info = busy_latencies(client, images, args)
+        print(f"during the search of {BUSY_TASK}: {len(busy)} samples", flush=True)
+    return {
+        "benchmark": "predict_latency",
+        "task": TASK,
+        "batch": args.batch,
+        "idle_ms": summarize(idle),
+        "search_ms": summarize(busy),
+        "concurrent_search": {"task": BUSY_TASK, **info},
+        "server_overrides": overrides,
+    }
+
+
+def print_table(results: dict) -> None:
+    print(f"Predict latency, task {results['task']}, batch {results['batch']} "
+          f"(ms; search = while {results['concurrent_search']['task']} trains)")
+    idle, busy = results["idle_ms"], results["search_ms"]
+    print(f"{'':>8} {'idle':>10} {'search':>10} {'x':>6}")
+    for name, _ in QUANTILES:
+        ratio = busy[name] / idle[name] if idle[name] else float("nan")
+        print(f"{name:>8} {idle[name]:>10.2f} {busy[name]:>10.2f} {ratio:>6.2f}")
+    print(f"{'samples':>8} {idle['samples']:>10} {busy['samples']:>10}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = run(args)
+    print_table(results)
+    if args.json:
+        print(json.dumps(results, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
