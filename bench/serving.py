@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,86 +30,26 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 FAST_SEARCH = ("generations=1", "train_rounds=1", "examples_per_round=256")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m service.server` on 127.0.0.1, output in <state_dir>/server.log."""
-
-    def __init__(self, state_dir: str, port: int, overrides: Sequence[str] = ()):
-        self.state_dir = state_dir
-        self.target = f"127.0.0.1:{port}"
-        self.log_path = os.path.join(state_dir, "server.log")
-        self.command = [sys.executable, "-m", "service.server", "--host", "127.0.0.1", "--port", str(port),
-                        "--state-dir", state_dir]
-        for override in overrides:
-            self.command += ["--set", override]
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, env.get("PYTHONPATH", "")) if p)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=env, cwd=PROJECT_ROOT)
-
-    def wait_serving(self, client, timeout: float) -> float:
-        """Seconds until the health check said SERVING."""
-        import grpc  # pylint: disable=import-outside-toplevel
-
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if client.health() == "SERVING":
-                    return time.monotonic() - started
-            except grpc.RpcError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"the server was not SERVING after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 120.0) -> int | None:
-        """SIGTERM (the server drains and checkpoints), SIGKILL after `timeout`."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
-
-
 @contextlib.contextmanager
 def running_server(
     state_dir: str | None, overrides: Sequence[str], *, startup_timeout: float = 300.0
 ) -> Iterator[tuple[ServerProcess, object]]:
     """A SERVING server and a connected EvolveClient; stops both on exit."""
     from service.client import EvolveClient  # pylint: disable=import-outside-toplevel
+    from service.demo import ServerProcess  # pylint: disable=import-outside-toplevel
 
     with contextlib.ExitStack() as stack:
         if state_dir is None:
             state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="evolve-bench-"))
         os.makedirs(state_dir, exist_ok=True)
-        server = ServerProcess(state_dir, free_port(), overrides)
+        started = time.monotonic()
+        server = ServerProcess(state_dir, overrides=overrides)
         server.start()
         stack.callback(server.stop)
+        server.wait_port(startup_timeout)
         client = stack.enter_context(EvolveClient(server.target, timeout=120.0))
-        seconds = server.wait_serving(client, startup_timeout)
+        server.wait_serving(client, startup_timeout)
+        seconds = time.monotonic() - started
         print(f"server SERVING on {server.target} after {seconds:.1f}s (state {state_dir})", flush=True)
         yield server, client
 

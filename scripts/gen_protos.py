@@ -51,6 +51,7 @@ import difflib
 import filecmp
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from importlib import metadata
@@ -138,26 +139,27 @@ def _module_of(proto: str) -> str:
 
 
 def _run_protoc(protos: list[str], raw: Path) -> None:
-    from grpc_tools import protoc  # noqa: PLC0415 (optional dev dependency)
+    """Runs grpc_tools' protoc in a child process.
 
-    try:
-        from importlib.resources import files
-
-        wkt_include = str(files("grpc_tools") / "_proto")
-    except Exception as error:  # pragma: no cover
-        raise GenerationError(f"cannot find grpc_tools' bundled protos: {error}") from error
+    Never in-process: its bundled libprotoc crashes (SIGSEGV) when loaded
+    into a process that already holds TensorFlow's protobuf symbols, as the
+    test run does.
+    """
     args = [
-        "grpc_tools.protoc",
+        sys.executable,
+        "-c",
+        "import sys; from importlib.resources import files; from grpc_tools import protoc; "
+        "sys.exit(protoc.main(['grpc_tools.protoc', '--proto_path=' + str(files('grpc_tools') / '_proto')]"
+        " + sys.argv[1:]))",
         f"--proto_path={PROTO_ROOT}",
-        f"--proto_path={wkt_include}",
         f"--python_out={raw}",
         f"--pyi_out={raw}",
         f"--grpc_python_out={raw}",
         *(str(PROTO_ROOT / proto) for proto in protos),
     ]
-    status = protoc.main(args)
-    if status != 0:
-        raise GenerationError(f"protoc failed with status {status}")
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise GenerationError(f"protoc failed with status {result.returncode}: {result.stderr.strip()}")
 
 
 def _rewrite(text: str, modules: list[str], private_pool: bool, where: str) -> str:
