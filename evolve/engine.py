@@ -141,7 +141,7 @@ def enable_compilation_cache(directory: str) -> None:
 
 
 def validate_task_name(name: str, field: str = "spec.name") -> None:
-    if not TASK_NAME_PATTERN.match(name or ""):
+    if not isinstance(name, str) or not TASK_NAME_PATTERN.fullmatch(name):
         raise InvalidArgumentError(
             field, f"{name!r} is not a valid task name: use 1-63 of a-z 0-9 _ . - starting with a letter or digit"
         )
