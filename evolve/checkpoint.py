@@ -10,11 +10,19 @@ Layout under the state directory:
 The manifest is committed last and atomically, so a step is complete or
 absent. Restore checks every component against its content hash and falls
 back to the previous step when one is missing or corrupt.
+
+Each component directory records the content hash it was written with (orbax
+custom metadata). A process killed after writing components but before
+committing their manifest leaves directories that no step references, and the
+restarted process hands out the same ids again (they continue from the last
+committed step) to components with other contents; such a directory is
+replaced, never taken for the new component.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -32,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 KEEP_MANIFESTS = 5
+HASH_KEY = "content_hash"  # in each component's orbax custom metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,18 +71,33 @@ def _is_complete(directory: str) -> bool:
     return os.path.isdir(directory) and os.path.exists(os.path.join(directory, "_CHECKPOINT_METADATA"))
 
 
+def _stored_hash(directory: str) -> str | None:
+    """The content hash a complete component directory was written with: None
+    when it is incomplete or unreadable, "" when written before hashes were
+    recorded (trusted, as before)."""
+    try:
+        with open(os.path.join(directory, "_CHECKPOINT_METADATA"), encoding="utf-8") as handle:
+            custom = json.load(handle).get("custom_metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(custom.get(HASH_KEY, "")) if isinstance(custom, dict) else None
+
+
 def write_component(state_dir: str, component: Component) -> bool:
-    """Writes a component once; returns whether it was new."""
+    """Writes a component unless its directory already holds this very
+    content; returns whether it wrote."""
     directory = os.path.join(_components_dir(state_dir), component.id)
-    if _is_complete(directory):
+    stored = _stored_hash(directory) if os.path.isdir(directory) else None
+    if stored == "" or stored == component.content_hash:
         return False
-    if os.path.exists(directory):  # a write killed halfway: never read, replace it
+    if os.path.exists(directory):  # a write killed halfway, or other contents under a reused id
+        logger.info("replacing component directory %s left by an interrupted checkpoint", component.id)
         shutil.rmtree(directory)
     tree = {"params": component.params}
     if component.momentum is not None:
         tree["momentum"] = component.momentum
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory, tree)
+    checkpointer.save(directory, tree, custom_metadata={HASH_KEY: component.content_hash})
     checkpointer.wait_until_finished()
     return True
 

@@ -511,8 +511,10 @@ class Engine:
             record = self.system.tasks[task]
             record.status, record.message = TaskStatus.READY, ""
             self.system.collect_garbage()
+            # Durable before visible: readers (GetTask, ListTasks) wait on this
+            # lock, and Predict sees the new path only once it is checkpointed.
+            self.save(emit=emit, task=task)
             self._serve(task)
-        self.save(emit=emit, task=task)
         return best
 
     def _test_accuracy(self, task: str, path: Path, data: TaskData) -> float:

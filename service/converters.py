@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -44,6 +45,16 @@ BUDGET_LIMITS = {
     "examples_per_round": 100_000_000,
 }
 
+# Task names: the rule of evolve.engine.validate_task_name (not imported here:
+# it loads JAX), matched in full so that a trailing newline cannot slip through.
+TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+MAX_REQUEST_ID = 256  # characters; a UUID has 36
+MAX_PATH = 4096  # characters of a data path (PATH_MAX)
+MAX_FIELD = 1024  # characters of any other string of a task spec
+# Decoded pixels of one encoded Predict batch (bytes as uint8 RGB): a few KiB of
+# PNG can decode to 48 MiB, so the message size limit alone does not bound memory.
+MAX_DECODED_BYTES = 256 * 1024 * 1024
+
 INPUT_NAME = "images"
 PROBABILITIES = "probabilities"
 CLASSES = "classes"
@@ -52,10 +63,35 @@ PLATFORM = "evolve-jax"
 # ---- task specs -------------------------------------------------------------
 
 
+def task_name(name: str, field: str) -> str:
+    """A task name a new task may take (checked before any work is queued)."""
+    if not name:
+        raise InvalidArgumentError(field, "a task name is required")
+    if not TASK_NAME.fullmatch(name):
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise InvalidArgumentError(
+            field, f"{shown!r} is not a valid task name: use 1-63 of a-z 0-9 _ . - starting with a letter or digit"
+        )
+    return name
+
+
+def request_id(value: str, field: str = "request_id") -> str:
+    if len(value) > MAX_REQUEST_ID:
+        raise InvalidArgumentError(field, f"at most {MAX_REQUEST_ID} characters, got {len(value)}")
+    return value
+
+
+def _bounded(value: str, field: str, limit: int = MAX_FIELD) -> str:
+    if len(value) > limit:
+        raise InvalidArgumentError(field, f"at most {limit} characters, got {len(value)}")
+    if "\x00" in value:
+        raise InvalidArgumentError(field, "must not contain NUL characters")
+    return value
+
+
 def spec_from_proto(spec: evolve_pb2.TaskSpec, field: str = "spec") -> TaskSpec:
     """A validated TaskSpec; the data itself is checked when the task is added."""
-    if not spec.name:
-        raise InvalidArgumentError(f"{field}.name", "a task name is required")
+    task_name(spec.name, f"{field}.name")
     kind = spec.WhichOneof("source")
     if kind is None:
         raise InvalidArgumentError(f"{field}.source", "one of tfds, npz, image_folder or bundled is required")
@@ -66,6 +102,9 @@ def spec_from_proto(spec: evolve_pb2.TaskSpec, field: str = "spec") -> TaskSpec:
 def _tfds_from_proto(source: evolve_pb2.TfdsSource, field: str) -> TfdsSource:
     if not source.name:
         raise InvalidArgumentError(f"{field}.name", "a tfds data set name is required")
+    for name in ("name", "train_split", "validation_split", "test_split", "image_key", "label_key"):
+        _bounded(getattr(source, name), f"{field}.{name}")
+    _bounded(source.data_dir, f"{field}.data_dir", MAX_PATH)
     validation = source.validation_split if source.HasField("validation_split") else ""
     return TfdsSource(
         name=source.name,
@@ -81,7 +120,7 @@ def _tfds_from_proto(source: evolve_pb2.TfdsSource, field: str) -> TfdsSource:
 def _npz_from_proto(source: evolve_pb2.NpzSource, field: str) -> NpzSource:
     if not source.path:
         raise InvalidArgumentError(f"{field}.path", "a path is required")
-    return NpzSource(path=source.path)
+    return NpzSource(path=_bounded(source.path, f"{field}.path", MAX_PATH))
 
 
 def _fraction(value: float, field: str) -> float:
@@ -93,6 +132,7 @@ def _fraction(value: float, field: str) -> float:
 def _folder_from_proto(source: evolve_pb2.ImageFolderSource, field: str) -> ImageFolderSource:
     if not source.path:
         raise InvalidArgumentError(f"{field}.path", "a path is required")
+    _bounded(source.path, f"{field}.path", MAX_PATH)
     validation = source.validation_fraction if source.HasField("validation_fraction") else 0.1
     test = source.test_fraction if source.HasField("test_fraction") else 0.1
     validation = _fraction(validation, f"{field}.validation_fraction")
@@ -105,7 +145,7 @@ def _folder_from_proto(source: evolve_pb2.ImageFolderSource, field: str) -> Imag
 def _bundled_from_proto(source: evolve_pb2.BundledSource, field: str) -> BundledSource:
     if not source.name:
         raise InvalidArgumentError(f"{field}.name", "a bundled data set name is required")
-    return BundledSource(name=source.name)
+    return BundledSource(name=_bounded(source.name, f"{field}.name"))
 
 
 _SOURCE_FROM_PROTO = {
@@ -283,6 +323,7 @@ def summary_to_proto(summary: "SystemSummary") -> evolve_pb2.SystemSummary:
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+_PAGE_TOKEN = re.compile(r"o[0-9]{1,18}")
 
 
 def page(items: Sequence[Any], page_size: int, page_token: str) -> tuple[Sequence[Any], str]:
@@ -292,7 +333,7 @@ def page(items: Sequence[Any], page_size: int, page_token: str) -> tuple[Sequenc
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     start = 0
     if page_token:
-        if not page_token.startswith("o") or not page_token[1:].isdigit():
+        if not _PAGE_TOKEN.fullmatch(page_token):  # ASCII digits only: int() takes others
             raise InvalidArgumentError("page_token", "not a token this server issued")
         start = int(page_token[1:])
     end = start + size
@@ -351,20 +392,31 @@ def images_from_tensor(tensor: evolve_pb2.Tensor, field: str = "array") -> np.nd
 
 def images_from_encoded(encoded: evolve_pb2.EncodedImages, field: str = "encoded.images") -> np.ndarray:
     """Decodes PNG / JPEG files to one uint8 [N, H, W, 3] batch (equal sizes)."""
-    from PIL import Image, UnidentifiedImageError  # lazy: only this path needs PIL
+    from PIL import Image  # lazy: only this path needs PIL
 
     if not encoded.images:
         raise InvalidArgumentError(field, "the batch is empty")
     decoded = []
+    total = 0
     for index, blob in enumerate(encoded.images):
         where = f"{field}[{index}]"
         try:
             with Image.open(io.BytesIO(blob)) as image:
-                if max(image.size) > MAX_IMAGE_SIDE:
-                    raise InvalidArgumentError(where, f"image sides must be at most {MAX_IMAGE_SIDE}, got {image.size}")
+                width, height = image.size
+                if max(width, height) > MAX_IMAGE_SIDE or min(width, height) < 1:
+                    raise InvalidArgumentError(where, f"image sides must be 1..{MAX_IMAGE_SIDE}, got {image.size}")
+                total += width * height * 3
+                if total > MAX_DECODED_BYTES:
+                    raise InvalidArgumentError(
+                        field, f"the decoded batch exceeds {MAX_DECODED_BYTES >> 20} MiB; send fewer or smaller images"
+                    )
                 pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-            raise InvalidArgumentError(where, f"not a decodable PNG or JPEG image: {error}") from None
+        except InvalidArgumentError:
+            raise
+        except Exception as error:
+            # PIL raises many kinds on damaged data (OSError, SyntaxError, EOFError, struct.error, zlib.error, ...)
+            message = f"not a decodable PNG or JPEG image: {type(error).__name__}: {error}"
+            raise InvalidArgumentError(where, message) from None
         if decoded and pixels.shape != decoded[0].shape:
             raise InvalidArgumentError(
                 where, f"all images must have the same size; got {pixels.shape[:2]} after {decoded[0].shape[:2]}"

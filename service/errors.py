@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "evolve"
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+# Statuses travel in trailers, and gRPC clients drop a call whose metadata
+# passes 8-16 KiB; messages echo client input (names, shapes), so bound them.
+MAX_MESSAGE_BYTES = 512
+MAX_NAME_BYTES = 128
 
 
 class UnavailableError(EvolveError):
@@ -55,25 +59,42 @@ def _retry_info(seconds: float | None) -> any_pb2.Any:
     return _packed(error_details_pb2.RetryInfo(retry_delay=delay))
 
 
+def clip(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes (at a character boundary)."""
+    data = str(text).encode("utf-8", "replace")
+    if len(data) <= limit:
+        return str(text)
+    return data[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def _loggable(error: BaseException) -> str:
+    """A clipped message with control characters escaped: client input must not forge log lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in clip(str(error)))
+
+
 def status_of(error: BaseException) -> status_pb2.Status:
-    """A google.rpc.Status (code, message, details) for an exception."""
-    message = str(error)
+    """A google.rpc.Status (code, message, details) for an exception; every
+    text is clipped, so the status fits in a call's trailers."""
+    message = clip(str(error))
     if isinstance(error, InvalidArgumentError):
-        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=clip(error.field, MAX_NAME_BYTES), description=clip(error.description)
+        )
         details = [_packed(error_details_pb2.BadRequest(field_violations=[violation]))]
         return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=details)
-    if isinstance(error, NotFoundError):
-        info = error_details_pb2.ResourceInfo(resource_type=error.kind, resource_name=error.name, description=message)
-        return status_pb2.Status(code=code_pb2.NOT_FOUND, message=message, details=[_packed(info)])
-    if isinstance(error, AlreadyExistsError):
-        info = error_details_pb2.ResourceInfo(resource_type=error.kind, resource_name=error.name, description=message)
-        return status_pb2.Status(code=code_pb2.ALREADY_EXISTS, message=message, details=[_packed(info)])
+    if isinstance(error, (NotFoundError, AlreadyExistsError)):
+        info = error_details_pb2.ResourceInfo(
+            resource_type=clip(error.kind, MAX_NAME_BYTES), resource_name=clip(error.name, MAX_NAME_BYTES),
+            description=message,
+        )
+        code = code_pb2.NOT_FOUND if isinstance(error, NotFoundError) else code_pb2.ALREADY_EXISTS
+        return status_pb2.Status(code=code, message=message, details=[_packed(info)])
     if isinstance(error, ResourceExhaustedError):
         return status_pb2.Status(
             code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=[_retry_info(error.retry_after_s)]
         )
     if isinstance(error, FailedPreconditionError):
-        info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
+        info = error_details_pb2.ErrorInfo(reason=clip(error.reason, MAX_NAME_BYTES), domain=ERROR_DOMAIN)
         return status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=message, details=[_packed(info)])
     if isinstance(error, CancelledError):
         return status_pb2.Status(code=code_pb2.CANCELLED, message=message)
@@ -101,18 +122,58 @@ def _handle(error: Exception, context: grpc.ServicerContext, method: str) -> Non
     if _already_aborted(context):
         raise error
     if isinstance(error, UnavailableError):
-        logger.debug("%s: %s", method, error)
+        logger.debug("%s: %s", method, _loggable(error))
     elif isinstance(error, EvolveError):
-        logger.info("%s: %s: %s", method, type(error).__name__, error)
+        logger.info("%s: %s: %s", method, type(error).__name__, _loggable(error))
     else:
         logger.exception("%s failed unexpectedly", method)
     abort(context, error)
+
+
+class _Undecodable:
+    """What a request deserializes to when its bytes do not parse."""
+
+    __slots__ = ("message_type", "reason")
+
+    def __init__(self, message_type: str, reason: str):
+        self.message_type = message_type
+        self.reason = reason
+
+
+def _message_type(deserializer: Callable) -> str:
+    owner = getattr(deserializer, "__self__", None)  # Message.FromString is a bound classmethod
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", "") or "request"
+
+
+def _safe_deserializer(deserializer: Callable | None) -> Callable | None:
+    """A deserializer that returns an `_Undecodable` marker instead of raising."""
+    if deserializer is None:
+        return None
+    message_type = _message_type(deserializer)
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as error:  # DecodeError, invalid UTF-8, recursion limit, ...
+            return _Undecodable(message_type, type(error).__name__)
+
+    return deserialize
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgumentError(
+            "request",
+            f"the request bytes are not a valid serialized {request.message_type} message ({request.reason})",
+        )
 
 
 def _wrap_unary(behavior: Callable, method: str) -> Callable:
     @functools.wraps(behavior)
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            _check_decoded(request)
             return behavior(request, context)
         except Exception as error:  # the one place errors become statuses
             _handle(error, context, method)
@@ -124,6 +185,7 @@ def _wrap_stream(behavior: Callable, method: str) -> Callable:
     @functools.wraps(behavior)
     def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
+            _check_decoded(request)
             yield from behavior(request, context)
         except Exception as error:
             _handle(error, context, method)
@@ -132,7 +194,8 @@ def _wrap_stream(behavior: Callable, method: str) -> Callable:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions of every handler (unary and server-streaming) to statuses."""
+    """Maps exceptions of every handler (unary and server-streaming) to statuses,
+    undecodable request bytes included."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -142,11 +205,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return grpc.unary_unary_rpc_method_handler(
             _wrap_unary(handler.unary_unary, method),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_safe_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )

@@ -4,9 +4,13 @@ searches off the request threads (DESIGN §6, §7).
 An operation is QUEUED, then RUNNING, then SUCCEEDED, FAILED or CANCELLED.
 Operations are saved with every engine checkpoint (`engine.extra_state`), and
 explicitly right after a submit is accepted and after each operation ends, so
-a crash loses no accepted request. On restart, QUEUED and RUNNING operations
-are queued again (an interrupted search restarts from the last complete
-state); finished ones stay listed.
+a crash loses no accepted request. A finished operation is checkpointed as
+finished BEFORE clients can see it done, so `done` never reverts after a
+crash. On restart, QUEUED and RUNNING operations are queued again (an
+interrupted search restarts from the last complete state), except an
+extension whose task the checkpoint already holds as READY: its search
+finished and was checkpointed just before the crash, so it is SUCCEEDED.
+Finished ones stay listed.
 
 Lock order: the engine calls our event callback while holding its own lock,
 so this module never calls into the engine while holding `_condition`.
@@ -135,6 +139,8 @@ class Jobs:
         self._max_queue = max_queue
         self._condition = threading.Condition()
         self._submit_lock = threading.Lock()  # serialises submits: add_task is slow
+        self._save_lock = threading.Lock()
+        self._finishing: OperationRecord | None = None  # final state being saved, not yet visible
         self._records: dict[str, OperationRecord] = {}
         self._queue: collections.deque[str] = collections.deque()
         self._request_ids: dict[str, str] = {}
@@ -148,10 +154,13 @@ class Jobs:
     # ---- persistence -----------------------------------------------------------
 
     def extra_state(self, *, clean_shutdown: bool = False) -> dict[str, Any]:
-        """What every checkpoint saves of the operations."""
+        """What every checkpoint saves of the operations (a finishing operation
+        with its final state, which clients see only once it is saved)."""
         with self._condition:
+            finishing = self._finishing
+            records = [finishing if finishing and r.name == finishing.name else r for r in self._records.values()]
             return {
-                "operations": [r.to_dict() for r in self._records.values()],
+                "operations": [r.to_dict() for r in records],
                 "next_operation": self._next,
                 "event_sequence": self._events.last_sequence,
                 "request_ids": dict(self._request_ids),
@@ -161,9 +170,15 @@ class Jobs:
     def restore(self, extra: Mapping[str, Any]) -> None:
         """Loads saved operations; unfinished ones are queued again, oldest first."""
         records = [OperationRecord.from_dict(d) for d in extra.get("operations", ())]
+        ready = {info.name for info in self._engine.tasks() if info.status == "READY"} if records else set()
         with self._condition:
             for record in sorted(records, key=lambda r: r.number):
-                if not record.done:
+                if not record.done and record.kind == EXTENSION and record.task in ready:
+                    # Killed between the search's own checkpoint and the operation's.
+                    logger.info("%s: its search finished before the stop; SUCCEEDED", record.name)
+                    record.state, record.error, record.cancel_requested = SUCCEEDED, None, False
+                    record.update_time = time.time()
+                elif not record.done:
                     if record.state == RUNNING:
                         logger.info("%s was interrupted; queued again", record.name)
                     record.state, record.cancel_requested = QUEUED, False
@@ -175,9 +190,13 @@ class Jobs:
             logger.info("re-queued %d unfinished operation(s)", len(self._queue))
 
     def _save(self) -> None:
-        """Checkpoints the engine with the operations; failures are logged, not raised."""
+        """Checkpoints the engine with the operations; failures are logged, not raised.
+
+        Serialised, so that a save whose operations were read earlier never
+        commits after (and over) one that read them later."""
         try:
-            self._engine.save()
+            with self._save_lock:
+                self._engine.save()
         except Exception:
             logger.exception("checkpoint after an operation change failed")
 
@@ -356,7 +375,12 @@ class Jobs:
             started = time.monotonic()
             state, error = self._run(record, cancel)
             seconds = time.monotonic() - started
+            if state != QUEUED:  # durable before visible: `done` must survive a crash
+                with self._condition:
+                    self._finishing = dataclasses.replace(record, state=state, error=error, update_time=time.time())
+                self._save()
             with self._condition:
+                self._finishing = None
                 self._running, self._cancel = None, None
                 if state == QUEUED:
                     record.state, record.update_time = QUEUED, time.time()
@@ -364,7 +388,8 @@ class Jobs:
                     self._set_final(record, state, error)
                     self._search_seconds = 0.5 * self._search_seconds + 0.5 * seconds
             logger.info("%s: %s after %.1f s", record.name, state, seconds)
-            self._save()
+            if state == QUEUED:
+                self._save()
 
     def _run(self, record: OperationRecord, cancel: threading.Event) -> tuple[str, OperationError | None]:
         """Runs an operation's searches; returns its next state and error."""

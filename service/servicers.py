@@ -101,8 +101,9 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
     def SubmitTask(self, request, context):
         loaded = self._backend.require()
         spec = converters.spec_from_proto(request.spec)
+        request_id = converters.request_id(request.request_id)
         try:
-            record = loaded.jobs.submit(spec, request.request_id)
+            record = loaded.jobs.submit(spec, request_id)
         except InvalidArgumentError as error:  # the data layer names spec-relative fields
             raise InvalidArgumentError(
                 converters.spec_error_field(error.field, request.spec), error.description
@@ -126,8 +127,10 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
 
     def WaitOperation(self, request, context):
         loaded = self._backend.require()
-        if request.timeout_seconds < 0:
-            raise InvalidArgumentError("timeout_seconds", "must not be negative")
+        if not request.timeout_seconds >= 0:  # NaN as well
+            raise InvalidArgumentError(
+                "timeout_seconds", f"must be a non-negative number, got {request.timeout_seconds}"
+            )
         timeout = min(request.timeout_seconds or MAX_WAIT_SECONDS, MAX_WAIT_SECONDS)
         remaining = context.time_remaining()
         if remaining is not None:
@@ -148,7 +151,8 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
 
     def Improve(self, request, context):
         loaded = self._backend.require()
-        return self._operation(loaded, loaded.jobs.improve(request.task, request.request_id))
+        request_id = converters.request_id(request.request_id)
+        return self._operation(loaded, loaded.jobs.improve(request.task, request_id))
 
     def WatchEvolution(self, request, context) -> Iterator[evolve_pb2.Event]:
         loaded = self._backend.require()

@@ -22,7 +22,7 @@ TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 def validate_task_name(name: object) -> str:
     """Returns the name, or raises InvalidArgumentError('name', ...)."""
-    if not isinstance(name, str) or not TASK_NAME_RE.match(name):
+    if not isinstance(name, str) or not TASK_NAME_RE.fullmatch(name):  # fullmatch: "$" admits a final newline
         raise InvalidArgumentError(
             "name",
             f"task name {name!r} must be 1-128 characters of letters, digits, '_', '.', '-', "

@@ -46,7 +46,7 @@ def _import_tfds() -> Any:
 
 def _check_source(source: TfdsSource) -> None:
     """Field-level checks that need no tfds."""
-    if not isinstance(source.name, str) or not _NAME_RE.match(source.name):
+    if not isinstance(source.name, str) or not _NAME_RE.fullmatch(source.name):
         raise InvalidArgumentError("source.name", f"not a tfds dataset name: {source.name!r}")
     for field in ("train_split", "validation_split", "test_split", "image_key", "label_key"):
         value = getattr(source, field)
@@ -124,7 +124,7 @@ def _split_plan(builder: Any, source: TfdsSource, max_train: int | None) -> dict
     reading (a train split that is itself already sliced or combined).
     """
     train = source.train_split
-    plain = bool(_PLAIN_SPLIT_RE.match(train))
+    plain = bool(_PLAIN_SPLIT_RE.fullmatch(train))
     plan: dict[str, str | None] = {"train": train, "validation": source.validation_split, "test": source.test_split}
     total = _split_size(builder, train) if plain else None
     if source.validation_split is None and plain:
