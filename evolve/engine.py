@@ -58,6 +58,7 @@ class EngineOptions:
     max_predict_batch: int = 1024
     max_train_examples: int | None = None
     seed: int = 0
+    max_compiled_structures: int = 64  # compiled train/eval steps kept between searches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +294,10 @@ class Engine:
             self._abandon_search(task, failed=f"{type(error).__name__}: {error}")
             emit(SearchFinished(task, "", 0.0, 0.0, 0.0, "FAILED", str(error)))
             raise
+        finally:
+            if steps.trim_compiled_steps(self.options.max_compiled_structures):
+                logger.info("dropped compiled train steps (more than %d structures cached)",
+                            self.options.max_compiled_structures)
         emit(SearchFinished(task, best.id, best.score or 0.0, best.quality or 0.0, best.test_accuracy or 0.0,
                             "SUCCEEDED"))
         return self.task(task)

@@ -77,3 +77,19 @@ def predict_probabilities(params: dict[str, Params], images: jax.Array, *, struc
     """Class probabilities of a served path."""
     TRACE_COUNTS["predict"] += 1
     return jax.nn.softmax(vit.forward(params, images, structure), axis=-1)
+
+
+def trim_compiled_steps(max_structures: int) -> bool:
+    """Drops the compiled train and eval steps once more than `max_structures`
+    are cached.
+
+    Every structure a search tries keeps its executables (tens of MB each on
+    CPU) for as long as the process lives; a long-running server would grow
+    without bound. Serving executables (predict) are kept. The persistent
+    compilation cache makes a later recompile cheap. Returns whether it trimmed.
+    """
+    if train_step._cache_size() + count_correct._cache_size() <= max_structures:
+        return False
+    train_step.clear_cache()
+    count_correct.clear_cache()
+    return True

@@ -131,3 +131,16 @@ def test_generation_on_four_devices_equals_sequential():
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["devices"] == 4
     assert out["parallel"] == out["sequential"]
+
+
+def test_compiled_steps_are_trimmed_beyond_the_bound():
+    structure = PathStructure(TEST_SIZE, 1, 16, 3, (), 8)
+    loop.train_candidates([_plan(structure, {"head"})], _data(), SETTINGS, {}, seed=0)
+    cached = steps.train_step._cache_size() + steps.count_correct._cache_size()
+    assert cached >= 2
+    assert not steps.trim_compiled_steps(cached)
+    assert steps.trim_compiled_steps(cached - 1)
+    assert steps.train_step._cache_size() == 0 and steps.count_correct._cache_size() == 0
+    traces = steps.TRACE_COUNTS["train_step"]
+    loop.train_candidates([_plan(structure, {"head"})], _data(), SETTINGS, {}, seed=0)
+    assert steps.TRACE_COUNTS["train_step"] == traces + 1  # recompiled after trimming
