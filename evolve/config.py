@@ -138,31 +138,20 @@ def get_config(name: str = "tiny", **overrides) -> SearchConfig:
             max_layers=4,
             default_adapter_dim=16,
         )
-    elif name in ("Ti/16", "S/16", "B/16"):
+    elif name in ("Ti/16", "S/16", "B/16", "L/16"):
+        large = name == "L/16"  # the mu3Net ViT-L agent: one candidate per generation, higher mu
         config = SearchConfig(
             name=name,
             size=VIT_SIZES[name],
             image_sizes=tuple(range(224, 385, 16)),
             default_image_size=384,
             generations=16,
-            candidates_per_generation=2,
-            scale_factor=0.99 if name == "B/16" else 1.0,
+            candidates_per_generation=1 if large else 2,
+            scale_factor=0.99 if name in ("B/16", "L/16") else 1.0,
             params_ref=2.2e9,
             flops_ref=3.8e12,
-        )
-    elif name == "L/16":
-        config = SearchConfig(
-            name=name,
-            size=VIT_SIZES[name],
-            image_sizes=tuple(range(224, 385, 16)),
-            default_image_size=384,
-            generations=16,
-            candidates_per_generation=1,
-            scale_factor=0.99,
-            params_ref=2.2e9,
-            flops_ref=3.8e12,
-            default_mu=0.2,
-            default_warmup=0.05,
+            default_mu=0.2 if large else 0.1,
+            default_warmup=0.05 if large else 0.1,
         )
     else:
         raise ValueError(f"unknown configuration {name!r}; known: tiny, Ti/16, S/16, B/16, L/16")
