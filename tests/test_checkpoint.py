@@ -103,3 +103,20 @@ def test_retention_and_file_gc(tmp_path):
         engine.save()
     assert not (_component_dirs(state_dir) & (replaced - set(engine.system.components)))
     assert _component_dirs(state_dir) == set(engine.system.components)
+
+
+def test_component_dir_left_by_a_crash_under_a_reused_id_is_replaced(tmp_path):
+    """A killed process may leave a complete component directory that no
+    manifest references; ids restart from the last manifest, so a new
+    component can get that id with other contents. It must be rewritten."""
+    from evolve.types import Component
+
+    state_dir = str(tmp_path)
+    stale = Component("c999999", "head", {"kernel": np.zeros((2, 2), np.float32)}, origin="t")
+    fresh = Component("c999999", "head", {"kernel": np.ones((2, 2), np.float32)}, origin="t")
+    assert checkpoint.write_component(state_dir, stale)
+    assert checkpoint.write_component(state_dir, fresh)  # other contents: rewritten
+    assert not checkpoint.write_component(state_dir, fresh)  # same contents: kept
+    meta = {"name": "head", "origin": "t", "trained": True, "locked_by": [], "content_hash": fresh.content_hash}
+    restored = checkpoint.read_component(state_dir, meta, "c999999")
+    np.testing.assert_array_equal(restored.params["kernel"], np.ones((2, 2), np.float32))
