@@ -133,10 +133,13 @@ def event_log_start(extra: Mapping[str, Any]) -> int:
 class Jobs:
     """The operation table, the queue and the search worker."""
 
-    def __init__(self, engine: Any, events: EventLog, *, max_queue: int = 16):
+    def __init__(self, engine: Any, events: EventLog, *, max_queue: int = 16, cycle_idle_seconds: float = 0.0):
         self._engine = engine
         self._events = events
         self._max_queue = max_queue
+        # > 0: when idle that long, improve the next ready task (round-robin).
+        self._cycle_idle_seconds = cycle_idle_seconds if cycle_idle_seconds > 0 else None
+        self._cycle_position = 0
         self._condition = threading.Condition()
         self._submit_lock = threading.Lock()  # serialises submits: add_task is slow
         self._save_lock = threading.Lock()
@@ -363,9 +366,16 @@ class Jobs:
     def _work(self) -> None:
         while True:
             with self._condition:
-                self._condition.wait_for(lambda: self._queue or self._stopping)
+                self._condition.wait_for(lambda: self._queue or self._stopping, timeout=self._cycle_idle_seconds)
                 if self._stopping:
                     return
+                idle = not self._queue
+            if idle:
+                self._cycle_once()
+                continue
+            with self._condition:
+                if not self._queue:
+                    continue
                 record = self._records[self._queue.popleft()]
                 record.state, record.update_time = RUNNING, time.time()
                 self._running, self._cancel = record.name, threading.Event()
@@ -390,6 +400,21 @@ class Jobs:
             logger.info("%s: %s after %.1f s", record.name, state, seconds)
             if state == QUEUED:
                 self._save()
+
+    def _cycle_once(self) -> None:
+        """Queues a generalization search of the next ready task, as the mu2Net
+        continual methodology cycles over existing tasks when no one asks."""
+        ready = sorted(info.name for info in self._engine.tasks() if info.status == "READY")
+        if not ready:
+            return
+        task = ready[self._cycle_position % len(ready)]
+        self._cycle_position += 1
+        try:
+            record = self.improve(task)
+        except EvolveError as error:
+            logger.warning("idle generalization of %s not queued: %s", task, error)
+            return
+        logger.info("%s: idle cycle queued a generalization search of %s", record.name, task)
 
     def _run(self, record: OperationRecord, cancel: threading.Event) -> tuple[str, OperationError | None]:
         """Runs an operation's searches; returns its next state and error."""

@@ -45,6 +45,7 @@ class ServerOptions:
     tls_key: str | None = None
     data_roots: tuple[str, ...] = ()  # empty: any path
     max_queue: int = 16
+    cycle_idle_seconds: float = 0.0  # > 0: idle round-robin generalization searches
     max_batch: int = 1024
     max_message_mb: int = 64
     max_train_examples: int | None = None
@@ -100,6 +101,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
              "[EVOLVE_DATA_ROOTS, separated by %r]" % os.pathsep)
     add("--max-queue", type=int, default=int(_env("MAX_QUEUE", defaults.max_queue)),
         help="operations that may wait for the search worker [EVOLVE_MAX_QUEUE, %(default)s]")
+    add("--cycle-idle-seconds", type=float, default=float(_env("CYCLE_IDLE_SECONDS", defaults.cycle_idle_seconds)),
+        help="after this many idle seconds, run a generalization search of the next ready task, round-robin "
+             "(DESIGN 3.7); 0 = off [EVOLVE_CYCLE_IDLE_SECONDS, %(default)s]")
     add("--max-batch", type=int, default=int(_env("MAX_BATCH", defaults.max_batch)),
         help="images per prediction call [EVOLVE_MAX_BATCH, %(default)s]")
     add("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB", defaults.max_message_mb)),
@@ -134,7 +138,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         token=args.token or None, read_token=args.read_token or None,
         tls_cert=args.tls_cert or None, tls_key=args.tls_key or None,
         data_roots=tuple(os.path.abspath(root) for root in data_roots),
-        max_queue=args.max_queue, max_batch=args.max_batch, max_message_mb=args.max_message_mb,
+        max_queue=args.max_queue, cycle_idle_seconds=args.cycle_idle_seconds, max_batch=args.max_batch, max_message_mb=args.max_message_mb,
         max_train_examples=args.max_train_examples, seed=args.seed, grace_seconds=args.grace_seconds,
         workers=args.workers, compilation_cache_dir=args.compilation_cache_dir, port_file=args.port_file,
         log_level=args.log_level, startup_delay_seconds=args.startup_delay_seconds,
@@ -457,7 +461,7 @@ def load_backend(options: ServerOptions):
         logger.info("restored checkpoint step %d (configuration %s)", engine.checkpoint_step,
                     engine.system.config.name)
     events = EventLog(start_sequence=event_log_start(engine.restored_extra))
-    jobs = Jobs(engine, events, max_queue=options.max_queue)
+    jobs = Jobs(engine, events, max_queue=options.max_queue, cycle_idle_seconds=options.cycle_idle_seconds)
     jobs.restore(engine.restored_extra)
     engine.extra_state = jobs.extra_state
     if fresh:

@@ -354,3 +354,33 @@ def test_operation_error_survives_the_manifest():
     proto = converters.operation_to_proto(again)
     assert proto.done and proto.error.code == code_pb2.FAILED_PRECONDITION
     assert proto.error.details[0].Is(error_details_pb2.ErrorInfo.DESCRIPTOR)
+
+
+def test_idle_worker_cycles_generalization_round_robin():
+    engine = FakeEngine()
+    queue = jobs_lib.Jobs(engine, EventLog(), max_queue=4, cycle_idle_seconds=0.05)
+    engine.extra_state = queue.extra_state
+    engine.release.set()
+    for name in ("a", "b"):
+        queue.submit(_spec(name))
+    queue.start()
+    deadline = time.monotonic() + 10
+    while len([s for s in engine.searches if s[1] == "generalization"]) < 3:
+        assert time.monotonic() < deadline, engine.searches
+        time.sleep(0.01)
+    queue.shutdown(timeout=5)
+    cycled = [task for task, kind in engine.searches if kind == "generalization"]
+    assert cycled[:3] == ["a", "b", "a"]
+    assert engine.searches[:2] == [("a", "extension"), ("b", "extension")]
+
+
+def test_no_idle_cycling_by_default():
+    engine = FakeEngine()
+    queue = _jobs(engine)
+    engine.release.set()
+    done = queue.submit(_spec("a"))
+    queue.start()
+    queue.wait(done.name, timeout=5)
+    time.sleep(0.3)
+    queue.shutdown(timeout=5)
+    assert engine.searches == [("a", "extension")]
