@@ -14,13 +14,16 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if PROJECT_ROOT not in sys.path:
     sys.path.insert(0, PROJECT_ROOT)
+
+if TYPE_CHECKING:
+    from service.demo import ServerProcess
 
 # Two JAX processes (the server and the benchmark) share one accelerator:
 # neither may grab most of its memory up front.

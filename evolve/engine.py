@@ -352,11 +352,11 @@ class Engine:
                 drafts = [self._draft(task, population, data_hparams, rng) for _ in range(candidates)]
                 plans = [self._plan(task, draft, rng) for draft in drafts]
             results = loop.train_candidates(
-                [plan for plan, _ in plans], data, settings, data_hparams,
+                plans, data, settings, data_hparams,
                 seed=int(rng.integers(2**31)), devices=self.devices, cancel=cancel,
             )
             with self._lock:
-                for draft, (plan, _), result in zip(drafts, plans, results):
+                for draft, plan, result in zip(drafts, plans, results):
                     child = self._adopt(task, draft, plan, result, generation)
                     accepted = child is not None
                     if accepted:
@@ -417,7 +417,7 @@ class Engine:
 
     def _plan(
         self, task: str, draft: mutation.ChildDraft, rng: np.random.Generator
-    ) -> tuple[loop.CandidatePlan, float]:
+    ) -> loop.CandidatePlan:
         """Initial parameters of a draft's components: frozen, copied or new."""
         structure = self._structure(task, draft.hparams, list(draft.sources))
         expected = cost.abstract_params(structure)
@@ -459,7 +459,7 @@ class Engine:
         params_count, flops = self._plan_cost(task, plan)
         config = self.system.config
         plan.score_of_quality = lambda q: scoring.score(q, params_count, flops, config)
-        return plan, parent_score
+        return plan
 
     def _plan_cost(self, task: str, plan: loop.CandidatePlan) -> tuple[float, float]:
         frozen_components = [self.system.components[cid] for cid in plan.frozen_ids.values()]

@@ -11,7 +11,7 @@ import enum
 from typing import Iterable
 
 from evolve.config import SearchConfig
-from evolve.types import ROOT_TASK, Component, Path, TaskSpec
+from evolve.types import Component, Path, TaskSpec
 
 
 class TaskStatus(str, enum.Enum):
@@ -132,5 +132,3 @@ class System:
         for component in components:
             self.components[component.id] = component
 
-
-ROOT = ROOT_TASK

@@ -11,7 +11,7 @@ import pytest
 from evolve import checkpoint
 from evolve.engine import Engine
 from evolve.errors import CorruptCheckpointError
-from evolve.types import BundledSource, SearchBudget, TaskSpec
+from evolve.types import BundledSource, TaskSpec
 from tests.conftest import tiny_config
 
 

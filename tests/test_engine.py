@@ -16,7 +16,7 @@ from evolve.data import bundled_task_specs
 from evolve.engine import Engine, EngineOptions
 from evolve.errors import AlreadyExistsError, CancelledError, InvalidArgumentError, NotFoundError
 from evolve.events import CandidateScored, CheckpointWritten, GenerationStarted, SearchFinished
-from evolve.types import ROOT_TASK, BundledSource, SearchBudget, TaskSpec
+from evolve.types import ROOT_TASK, BundledSource, TaskSpec
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

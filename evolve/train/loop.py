@@ -16,7 +16,6 @@ import time
 from typing import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from evolve.data import ImageSet, TaskData, batch_iterator, preprocess_eval, preprocess_train
