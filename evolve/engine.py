@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import math
 import os
-import re
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
@@ -43,11 +42,10 @@ from evolve.models import cost, root as root_models, vit
 from evolve.search import mutation, scoring, selection
 from evolve.system import System, TaskRecord, TaskStatus
 from evolve.train import loop, steps
-from evolve.types import ROOT_TASK, Component, Path, PathStructure, TaskSpec
+from evolve.types import ROOT_TASK, Component, Path, PathStructure, TaskSpec, validate_task_name
 
 logger = logging.getLogger(__name__)
 
-TASK_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 EXTENSION = "extension"
 GENERALIZATION = "generalization"
 
@@ -141,13 +139,6 @@ def enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def validate_task_name(name: str, field: str = "spec.name") -> None:
-    if not isinstance(name, str) or not TASK_NAME_PATTERN.fullmatch(name):
-        raise InvalidArgumentError(
-            field, f"{name!r} is not a valid task name: use 1-63 of a-z 0-9 _ . - starting with a letter or digit"
-        )
-
-
 class Engine:
     """Holds the System; runs searches; predicts."""
 
@@ -220,7 +211,7 @@ class Engine:
 
     def add_task(self, spec: TaskSpec) -> TaskInfo:
         """Registers a new task (PENDING) after loading and validating its data."""
-        validate_task_name(spec.name)
+        validate_task_name(spec.name, "spec.name")
         with self._lock:
             if spec.name in self.system.tasks:
                 raise AlreadyExistsError("task", spec.name)
@@ -350,20 +341,19 @@ class Engine:
                     base.hparams if base else config.default_hparams(), config, rng
                 )
                 drafts = [self._draft(task, population, data_hparams, rng) for _ in range(candidates)]
-                plans = [self._plan(task, draft, rng) for draft in drafts]
+                planned = [self._plan(task, draft, rng) for draft in drafts]
             results = loop.train_candidates(
-                plans, data, settings, data_hparams,
+                [plan for plan, _ in planned], data, settings, data_hparams,
                 seed=int(rng.integers(2**31)), devices=self.devices, cancel=cancel,
             )
             with self._lock:
-                for draft, plan, result in zip(drafts, plans, results):
-                    child = self._adopt(task, draft, plan, result, generation)
+                for draft, (plan, (params_count, flops)), result in zip(drafts, planned, results):
+                    child = self._adopt(task, draft, result, generation, params_count, flops)
                     accepted = child is not None
                     if accepted:
                         population.append(child)
                     parent = self.system.paths.get(draft.parent_id)
                     quality = max(result.quality, 0.0)
-                    params_count, flops = self._plan_cost(task, plan)
                     emit(CandidateScored(
                         task=task, path_id=child.id if child else "", parent_id=draft.parent_id,
                         parent_task=parent.task if parent else "", generation=generation,
@@ -417,8 +407,9 @@ class Engine:
 
     def _plan(
         self, task: str, draft: mutation.ChildDraft, rng: np.random.Generator
-    ) -> loop.CandidatePlan:
-        """Initial parameters of a draft's components: frozen, copied or new."""
+    ) -> tuple[loop.CandidatePlan, tuple[float, float]]:
+        """Initial parameters of a draft's components (frozen, copied or new),
+        and the candidate's accounted parameters and FLOPs."""
         structure = self._structure(task, draft.hparams, list(draft.sources))
         expected = cost.abstract_params(structure)
         trainable, frozen, momentum, frozen_ids = {}, {}, {}, {}
@@ -459,7 +450,7 @@ class Engine:
         params_count, flops = self._plan_cost(task, plan)
         config = self.system.config
         plan.score_of_quality = lambda q: scoring.score(q, params_count, flops, config)
-        return plan
+        return plan, (params_count, flops)
 
     def _plan_cost(self, task: str, plan: loop.CandidatePlan) -> tuple[float, float]:
         frozen_components = [self.system.components[cid] for cid in plan.frozen_ids.values()]
@@ -471,9 +462,10 @@ class Engine:
         self,
         task: str,
         draft: mutation.ChildDraft,
-        plan: loop.CandidatePlan,
         result: loop.TrainResult,
         generation: int,
+        params_count: float,
+        flops: float,
     ) -> Path | None:
         """Turns a trained candidate into a population path, or None if it lost."""
         if result.trainable is None:
@@ -489,7 +481,6 @@ class Engine:
             )
             self.system.components[component.id] = component
             components[name] = component.id
-        params_count, flops = self._plan_cost(task, plan)
         child = Path(
             id=self.system.new_id("p"), task=task, components=components, hparams=dict(draft.hparams),
             parent_id=draft.parent_id, score=result.score, quality=result.quality,

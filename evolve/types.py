@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from typing import Any, Mapping, Union
 
 import numpy as np
+
+from evolve.errors import InvalidArgumentError
 
 # A component's parameters: a nested dict of numpy arrays, e.g.
 # {"kernel": array, "bias": array}.
@@ -18,6 +21,21 @@ Params = Mapping[str, Any]
 HyperValue = Union[int, float, bool, str]
 
 ROOT_TASK = "__root__"
+
+# Task names double as model names of the inference API: short and URL-safe.
+TASK_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+
+
+def validate_task_name(name: object, field: str = "name") -> str:
+    """Returns the name, or raises InvalidArgumentError naming `field`."""
+    if not isinstance(name, str) or not name:
+        raise InvalidArgumentError(field, "a task name is required")
+    if not TASK_NAME_PATTERN.fullmatch(name):  # fullmatch: "$" would admit a final newline
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise InvalidArgumentError(
+            field, f"{shown!r} is not a valid task name: use 1-63 of a-z 0-9 _ . - starting with a letter or digit"
+        )
+    return name
 
 
 @dataclasses.dataclass(frozen=True)

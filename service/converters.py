@@ -25,6 +25,7 @@ from evolve.types import (
     SearchBudget,
     TaskSpec,
     TfdsSource,
+    validate_task_name,
 )
 from service.gen.evolve.v1 import evolve_pb2
 from service.gen.inference import grpc_predict_v2_pb2 as infer_pb2
@@ -45,9 +46,6 @@ BUDGET_LIMITS = {
     "examples_per_round": 100_000_000,
 }
 
-# Task names: the rule of evolve.engine.validate_task_name (not imported here:
-# it loads JAX), matched in full so that a trailing newline cannot slip through.
-TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 MAX_REQUEST_ID = 256  # characters; a UUID has 36
 MAX_PATH = 4096  # characters of a data path (PATH_MAX)
 MAX_FIELD = 1024  # characters of any other string of a task spec
@@ -65,14 +63,7 @@ PLATFORM = "evolve-jax"
 
 def task_name(name: str, field: str) -> str:
     """A task name a new task may take (checked before any work is queued)."""
-    if not name:
-        raise InvalidArgumentError(field, "a task name is required")
-    if not TASK_NAME.fullmatch(name):
-        shown = name if len(name) <= 80 else name[:80] + "..."
-        raise InvalidArgumentError(
-            field, f"{shown!r} is not a valid task name: use 1-63 of a-z 0-9 _ . - starting with a letter or digit"
-        )
-    return name
+    return validate_task_name(name, field)
 
 
 def request_id(value: str, field: str = "request_id") -> str:

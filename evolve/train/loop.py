@@ -184,11 +184,10 @@ class _CandidateState:
 
     def result(self, total_steps: int) -> TrainResult:
         trainable, momentum = self.best if self.best is not None else (None, None)
-        quality = self.best_quality if self.best is not None else self.best_quality
         return TrainResult(
             trainable=trainable,
             momentum=momentum,
-            quality=quality,
+            quality=self.best_quality,
             score=self.best_score,
             steps=total_steps,
             train_seconds=time.perf_counter() - self.started - self.compile_seconds,
