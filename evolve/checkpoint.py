@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from evolve.config import SearchConfig
+from evolve.search.probe import ParentProbe
 from evolve.errors import CorruptCheckpointError
 from evolve.system import System, TaskRecord, TaskStatus
 from evolve.types import Component, Path, ViTSize, params_hash, spec_from_dict, spec_to_dict
@@ -148,6 +149,7 @@ def _manifest(system: System, extra: Mapping[str, Any]) -> dict[str, Any]:
             name: {
                 "spec": spec_to_dict(r.spec), "status": r.status.value, "num_classes": r.num_classes,
                 "class_names": list(r.class_names), "message": r.message,
+                "probes": [dataclasses.asdict(p) for p in r.probes],
             }
             for name, r in system.tasks.items()
         },
@@ -203,6 +205,7 @@ def _system_from_manifest(state_dir: str, manifest: Mapping[str, Any]) -> System
         name: TaskRecord(
             spec=spec_from_dict(r["spec"]), status=TaskStatus(r["status"]), num_classes=r["num_classes"],
             class_names=tuple(r["class_names"]), message=r["message"],
+            probes=tuple(ParentProbe(**p) for p in r.get("probes", ())),
         )
         for name, r in manifest["tasks"].items()
     }

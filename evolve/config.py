@@ -68,7 +68,16 @@ class SearchConfig:
     default_learning_rate: float = 0.01
     default_warmup: float = 0.1
     default_adapter_dim: int = 32
+    # Validation (DESIGN §3b): a source without a validation split gives up
+    # this fraction of train, and at least min_validation_examples (never more
+    # than 30% of train); candidates are ranked on at most validation_examples.
+    validation_fraction: float = 0.2
+    min_validation_examples: int = 200
     validation_examples: int = 10_000
+    # Transfer-aware first parents: probe on this many training images; the
+    # first generation's parents are the paths within probe_tolerance of the best.
+    probe_examples: int = 1024
+    probe_tolerance: float = 0.02
 
     @property
     def layer_limit(self) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import threading
 from typing import Any, Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 from evolve import checkpoint
 from evolve.config import SearchConfig
 from evolve.data import TaskData, load_task_data, preprocess_eval
+from evolve.data.arrays import ValidationSplit
 from evolve.errors import (
     AlreadyExistsError,
     CancelledError,
@@ -30,24 +30,22 @@ from evolve.errors import (
     ResourceExhaustedError,
 )
 from evolve.events import (
-    CandidateAccepted,
-    CandidateScored,
     CheckpointWritten,
     Event,
     EventCallback,
-    GenerationStarted,
     SearchFinished,
 )
-from evolve.models import cost, root as root_models, vit
-from evolve.search import mutation, scoring, selection
+from evolve.models import root as root_models
+from evolve.search import scoring, selection
+from evolve.search.budget import EXTENSION, GENERALIZATION, SearchPlan, search_plan
+from evolve.search.iteration import TaskIteration, structure_of
+from evolve.search.probe import ParentProbe
 from evolve.system import System, TaskRecord, TaskStatus
 from evolve.train import loop, steps
 from evolve.types import ROOT_TASK, Component, Path, PathStructure, TaskSpec, validate_task_name
 
 logger = logging.getLogger(__name__)
 
-EXTENSION = "extension"
-GENERALIZATION = "generalization"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +106,7 @@ class TaskInfo:
     components: tuple[ComponentInfo, ...] = ()
     shares_with: tuple[str, ...] = ()
     hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    probes: tuple[ParentProbe, ...] = ()  # why the extension search chose its first parents
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,9 +214,7 @@ class Engine:
         with self._lock:
             if spec.name in self.system.tasks:
                 raise AlreadyExistsError("task", spec.name)
-        data = load_task_data(
-            spec, data_roots=self.options.data_roots, max_train_examples=self.options.max_train_examples
-        )
+        data = self._load(spec)
         with self._lock:
             if spec.name in self.system.tasks:
                 raise AlreadyExistsError("task", spec.name)
@@ -239,11 +236,15 @@ class Engine:
 
     def _task_data(self, task: str) -> TaskData:
         if task not in self._data:
-            spec = self.system.tasks[task].spec
-            self._data[task] = load_task_data(
-                spec, data_roots=self.options.data_roots, max_train_examples=self.options.max_train_examples
-            )
+            self._data[task] = self._load(self.system.tasks[task].spec)
         return self._data[task]
+
+    def _load(self, spec: TaskSpec) -> TaskData:
+        config = self.system.config
+        return load_task_data(
+            spec, data_roots=self.options.data_roots, max_train_examples=self.options.max_train_examples,
+            validation_split=ValidationSplit(config.validation_fraction, config.min_validation_examples),
+        )
 
     # ---- searches ----------------------------------------------------------
 
@@ -276,7 +277,7 @@ class Engine:
             seed = self.options.seed * 1_000_003 + self._searches_run if seed is None else seed
         try:
             data = self._task_data(task)
-            best = self._search(task, data, seed=seed, cancel=cancel, emit=emit)
+            best = self._search(task, kind, data, seed=seed, cancel=cancel, emit=emit)
         except CancelledError:
             self._abandon_search(task)
             emit(SearchFinished(task, "", 0.0, 0.0, 0.0, "CANCELLED", "cancelled"))
@@ -314,181 +315,31 @@ class Engine:
             self.system.populations[task] = [keep.id] if keep else []
             self.system.collect_garbage()
 
-    def _search(
-        self, task: str, data: TaskData, *, seed: int, cancel: threading.Event | None, emit: EventCallback
-    ) -> Path:
-        config = self.system.config
-        spec = self.system.tasks[task].spec
-        generations = spec.budget.generations or config.generations
-        candidates = spec.budget.candidates_per_generation or config.candidates_per_generation
-        settings = loop.TrainSettings(
-            batch_size=config.batch_size,
-            rounds=spec.budget.train_rounds or config.train_rounds,
-            examples_per_round=spec.budget.examples_per_round or config.examples_per_round,
-            eval_batch_size=config.eval_batch_size,
-        )
+    def search_plan(self, task: str, kind: str = EXTENSION) -> SearchPlan:
+        """The budget a search of `task` will get (shown before it runs)."""
         with self._lock:
-            population = self._start_population(task)
-        leader_id = population[0].id if population else None
-        for generation in range(generations):
-            if cancel is not None and cancel.is_set():
-                raise CancelledError("search cancelled")
-            emit(GenerationStarted(task, generation, generations, candidates))
-            rng = np.random.default_rng([seed, generation])
+            if task not in self.system.tasks:
+                raise NotFoundError("task", task)
+            spec = self.system.tasks[task].spec
+        data = self._task_data(task)
+        return search_plan(
+            self.system.config, spec.budget, kind=kind, train_examples=len(data.train),
+            validation_examples=len(data.validation), num_devices=len(self.devices),
+        )
+
+    def _search(
+        self, task: str, kind: str, data: TaskData, *, seed: int, cancel: threading.Event | None,
+        emit: EventCallback,
+    ) -> Path:
+        iteration = TaskIteration(
+            self.system, self._lock, task, data, self.search_plan(task, kind),
+            seed=seed, devices=self.devices, emit=emit, cancel=cancel,
+        )
+        population = iteration.run()
+        if iteration.probes:
             with self._lock:
-                base = self.system.best_path(task)
-                data_hparams = mutation.sample_data_hparams(
-                    base.hparams if base else config.default_hparams(), config, rng
-                )
-                drafts = [self._draft(task, population, data_hparams, rng) for _ in range(candidates)]
-                planned = [self._plan(task, draft, rng) for draft in drafts]
-            results = loop.train_candidates(
-                [plan for plan, _ in planned], data, settings, data_hparams,
-                seed=int(rng.integers(2**31)), devices=self.devices, cancel=cancel,
-            )
-            with self._lock:
-                for draft, (plan, (params_count, flops)), result in zip(drafts, planned, results):
-                    child = self._adopt(task, draft, result, generation, params_count, flops)
-                    accepted = child is not None
-                    if accepted:
-                        population.append(child)
-                    parent = self.system.paths.get(draft.parent_id)
-                    quality = max(result.quality, 0.0)
-                    emit(CandidateScored(
-                        task=task, path_id=child.id if child else "", parent_id=draft.parent_id,
-                        parent_task=parent.task if parent else "", generation=generation,
-                        score=plan.score_of_quality(quality), quality=quality,
-                        params=params_count, flops=flops,
-                        mutations=tuple(draft.mutations), accepted_into_population=accepted,
-                        train_seconds=result.train_seconds, compile_seconds=result.compile_seconds,
-                    ))
-                population = selection.prune(population, config.population_size)
-                self.system.populations[task] = [p.id for p in population]
-                self.system.collect_garbage()
-            if population and population[0].id != leader_id:
-                leader = population[0]
-                leader_id = leader.id
-                emit(CandidateAccepted(task, leader.id, leader.score or 0.0, leader.quality or 0.0))
+                self.system.tasks[task].probes = tuple(iteration.probes)
         return self._finish(task, population, data, emit)
-
-    def _start_population(self, task: str) -> list[Path]:
-        """A generalization search starts from the served path, re-scored."""
-        best = self.system.best_path(task)
-        if best is None:
-            return []
-        components = self.system.path_components(best)
-        best.accounted_params = scoring.accounted_params(components, task)
-        best.score = scoring.score(best.quality or 0.0, best.accounted_params, best.flops or 0.0, self.system.config)
-        return [best]
-
-    def _draft(
-        self, task: str, population: list[Path], data_hparams: Mapping[str, Any], rng: np.random.Generator
-    ) -> mutation.ChildDraft:
-        parent = selection.select_parent(population, self.system.selectable_paths(), rng)
-        parent.children += 1
-        draft = mutation.mutate(
-            parent, task, lineage=self.system.lineage(parent),
-            component=self.system.components.__getitem__, config=self.system.config, rng=rng,
-        )
-        draft.hparams.update(data_hparams)
-        return draft
-
-    def _structure(self, task: str, hparams: Mapping[str, Any], names: Sequence[str]) -> PathStructure:
-        layers = sum(1 for n in names if n.startswith("encoderblock_"))
-        adapters = tuple(sorted(int(n.rsplit("_", 1)[1]) for n in names if n.startswith("residual_adapter_")))
-        return PathStructure(
-            size=self.system.config.size,
-            num_layers=layers,
-            image_size=int(hparams["image_size"]),
-            num_classes=self.system.tasks[task].num_classes,
-            adapter_layers=adapters,
-            adapter_dim=int(hparams["adapter_dim"]),
-        )
-
-    def _plan(
-        self, task: str, draft: mutation.ChildDraft, rng: np.random.Generator
-    ) -> tuple[loop.CandidatePlan, tuple[float, float]]:
-        """Initial parameters of a draft's components (frozen, copied or new),
-        and the candidate's accounted parameters and FLOPs."""
-        structure = self._structure(task, draft.hparams, list(draft.sources))
-        expected = cost.abstract_params(structure)
-        trainable, frozen, momentum, frozen_ids = {}, {}, {}, {}
-        keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), len(draft.sources))
-        for key, (name, source) in zip(keys, draft.sources.items()):
-            params = None
-            if source.component_id is not None:
-                component = self.system.components[source.component_id]
-                params = component.params
-                if name == "posembed_input":
-                    tokens = vit.num_tokens(structure.size, structure.image_size)
-                    if params["pos_embedding"].shape[1] != tokens:
-                        params = {"pos_embedding": vit.resize_posembed(params["pos_embedding"], tokens)}
-                        source = mutation.ComponentSource("train", source.component_id)
-                if not _same_shapes(params, expected[name]):
-                    params, source = None, mutation.ComponentSource("new")
-            if params is None:
-                params = vit.init_component(
-                    name, size=structure.size, image_size=structure.image_size,
-                    num_classes=structure.num_classes, adapter_dim=structure.adapter_dim, rng=key,
-                )
-            if source.mode == "frozen":
-                frozen[name] = params
-                frozen_ids[name] = source.component_id
-            else:
-                trainable[name] = params
-                inherited = self.system.components[source.component_id].momentum if source.component_id else None
-                if inherited is not None and _same_shapes(inherited, params):
-                    momentum[name] = inherited
-            draft.sources[name] = source
-        parent = self.system.paths[draft.parent_id]
-        parent_score = parent.score if (parent.task == task and parent.score is not None) else -math.inf
-        plan = loop.CandidatePlan(
-            structure=structure, trainable=trainable, frozen=frozen, momentum=momentum,
-            hparams=draft.hparams, start_score=parent_score, score_of_quality=lambda q: 0.0,
-            frozen_ids=frozen_ids,
-        )
-        params_count, flops = self._plan_cost(task, plan)
-        config = self.system.config
-        plan.score_of_quality = lambda q: scoring.score(q, params_count, flops, config)
-        return plan, (params_count, flops)
-
-    def _plan_cost(self, task: str, plan: loop.CandidatePlan) -> tuple[float, float]:
-        frozen_components = [self.system.components[cid] for cid in plan.frozen_ids.values()]
-        own = sum(_num_params(p) for p in plan.trainable.values())
-        accounted = scoring.accounted_params(frozen_components, task) + own
-        return accounted, cost.forward_flops(plan.structure)
-
-    def _adopt(
-        self,
-        task: str,
-        draft: mutation.ChildDraft,
-        result: loop.TrainResult,
-        generation: int,
-        params_count: float,
-        flops: float,
-    ) -> Path | None:
-        """Turns a trained candidate into a population path, or None if it lost."""
-        if result.trainable is None:
-            return None
-        components = {}
-        for name, source in draft.sources.items():
-            if source.mode == "frozen":
-                components[name] = source.component_id
-                continue
-            component = Component(
-                id=self.system.new_id("c"), name=name, params=result.trainable[name], origin=task,
-                trained=True, momentum=result.momentum[name] if result.momentum else None,
-            )
-            self.system.components[component.id] = component
-            components[name] = component.id
-        child = Path(
-            id=self.system.new_id("p"), task=task, components=components, hparams=dict(draft.hparams),
-            parent_id=draft.parent_id, score=result.score, quality=result.quality,
-            accounted_params=params_count, flops=flops, mutations=tuple(draft.mutations),
-            generation=generation,
-        )
-        self.system.paths[child.id] = child
-        return child
 
     def _finish(self, task: str, population: list[Path], data: TaskData, emit: EventCallback) -> Path:
         """Keeps the single best path, locks it, checkpoints (DESIGN §3.6)."""
@@ -513,8 +364,11 @@ class Engine:
             self._serve(task)
         return best
 
+    def _structure(self, task: str, path: Path) -> PathStructure:
+        return structure_of(self.system.config, self.system.tasks[task].num_classes, path.hparams, list(path.components))
+
     def _test_accuracy(self, task: str, path: Path, data: TaskData) -> float:
-        structure = self._structure(task, path.hparams, list(path.components))
+        structure = self._structure(task, path)
         params = {name: self.system.components[cid].params for name, cid in path.components.items()}
         return loop.evaluate_accuracy({}, params, data.test, structure, self.system.config.eval_batch_size)
 
@@ -522,7 +376,7 @@ class Engine:
 
     def _serve(self, task: str) -> None:
         path = self.system.best_path(task)
-        structure = self._structure(task, path.hparams, list(path.components))
+        structure = self._structure(task, path)
         params = jax.device_put(
             {name: self.system.components[cid].params for name, cid in path.components.items()}, self.devices[0]
         )
@@ -598,7 +452,7 @@ class Engine:
         record = self.system.tasks[name]
         info = TaskInfo(
             name=name, status=record.status.value, spec=record.spec, num_classes=record.num_classes,
-            class_names=record.class_names, message=record.message,
+            class_names=record.class_names, message=record.message, probes=record.probes,
         )
         path = self.system.best_path(name)
         if path is None:
@@ -613,19 +467,6 @@ class Engine:
             flops=path.flops or 0.0, path_version=path.version, components=components,
             shares_with=tuple(self.system.tasks_sharing(name)), hparams=dict(path.hparams),
         )
-
-
-def _num_params(tree) -> int:
-    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
-
-
-def _same_shapes(params, expected) -> bool:
-    try:
-        shapes = jax.tree.map(np.shape, params)
-        wanted = jax.tree.map(lambda s: tuple(s.shape), expected)
-        return jax.tree.structure(shapes) == jax.tree.structure(wanted) and jax.tree.leaves(shapes) == jax.tree.leaves(wanted)
-    except Exception:
-        return False
 
 
 def _bucket(n: int) -> int:

@@ -5,6 +5,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Union
 
+from evolve.search.budget import SearchPlan
+from evolve.search.probe import ParentProbe
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchStarted:
+    """A search fixed its budget and, for a new task, probed its first parents."""
+
+    task: str
+    plan: SearchPlan
+    probes: tuple[ParentProbe, ...] = ()
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationStarted:
@@ -58,5 +70,5 @@ class CheckpointWritten:
     new_components: int
 
 
-Event = Union[GenerationStarted, CandidateScored, CandidateAccepted, SearchFinished, CheckpointWritten]
+Event = Union[SearchStarted, GenerationStarted, CandidateScored, CandidateAccepted, SearchFinished, CheckpointWritten]
 EventCallback = Callable[[Event], None]

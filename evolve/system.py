@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Iterable
-
 from evolve.config import SearchConfig
+from evolve.search.probe import ParentProbe
 from evolve.types import Component, Path, TaskSpec
 
 
@@ -28,6 +27,8 @@ class TaskRecord:
     num_classes: int = 0
     class_names: tuple[str, ...] = ()
     message: str = ""
+    # The probes of the task's extension search: why its first parents were chosen.
+    probes: tuple[ParentProbe, ...] = ()
 
 
 @dataclasses.dataclass
@@ -62,9 +63,13 @@ class System:
     def population(self, task: str) -> list[Path]:
         return [self.paths[i] for i in self.populations.get(task, [])]
 
-    def selectable_paths(self) -> list[Path]:
-        """Every served path of the system plus the root."""
-        return [self.root_path] + [self.paths[i] for i in self.best.values()]
+    def selectable_paths(self, task: str | None = None) -> list[Path]:
+        """The root, every served path, and task's own live population
+        (the uniform fallback of parent selection, DESIGN §3.1)."""
+        ids = [self.root_path_id, *self.best.values()]
+        if task is not None:
+            ids += self.populations.get(task, [])
+        return [self.paths[i] for i in dict.fromkeys(ids)]
 
     def lineage(self, path: Path) -> list[Path]:
         """The path, its live ancestors (closest first), then the root path."""
@@ -103,15 +108,17 @@ class System:
     def collect_garbage(self) -> tuple[list[str], list[str]]:
         """Drops paths no one references, then components no live path uses.
 
-        Paths kept as ancestors only matter for name resolution; a dropped
-        ancestor falls back to the root, as DESIGN §4 allows. Returns the
-        dropped (path ids, component ids).
+        Ancestors only matter for name resolution, and every path carries the
+        blocks it inherited from them (`Path.inherited`), so dropping an
+        ancestor loses nothing. Returns the dropped (path ids, component ids).
         """
         live_paths = self.referenced_path_ids()
         dropped_paths = [i for i in self.paths if i not in live_paths]
         for path_id in dropped_paths:
             del self.paths[path_id]
-        used = {cid for path in self.paths.values() for cid in path.components.values()}
+        used = {
+            cid for path in self.paths.values() for cid in (*path.components.values(), *path.inherited.values())
+        }
         dropped_components = [i for i in self.components if i not in used]
         for component_id in dropped_components:
             del self.components[component_id]
@@ -127,8 +134,4 @@ class System:
             others |= component.locked_by
         others.discard(task)
         return sorted(others)
-
-    def add_components(self, components: Iterable[Component]) -> None:
-        for component in components:
-            self.components[component.id] = component
 

@@ -38,6 +38,11 @@ def validate_task_name(name: object, field: str = "name") -> str:
     return name
 
 
+def adapter_index(name: str) -> int:
+    """The block index of a `residual_adapter_<i>` component name."""
+    return int(name.rsplit("_", 1)[1])
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTSize:
     """Architecture of a root ViT (vit_jax naming of its widths)."""
@@ -147,14 +152,15 @@ class Path:
     generation: int = 0
     test_accuracy: float | None = None
     version: int = 0
+    # Blocks past this path's depth, resolved along its lineage when it was
+    # made (name -> component id); a child that grows deeper takes them.
+    inherited: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def num_layers(self) -> int:
         return sum(1 for n in self.components if n.startswith("encoderblock_"))
 
     def adapter_layers(self) -> tuple[int, ...]:
-        return tuple(
-            sorted(int(n.rsplit("_", 1)[1]) for n in self.components if n.startswith("residual_adapter_"))
-        )
+        return tuple(sorted(adapter_index(n) for n in self.components if n.startswith("residual_adapter_")))
 
 
 # ---- task sources ---------------------------------------------------------

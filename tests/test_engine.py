@@ -15,7 +15,7 @@ import pytest
 from evolve.data import bundled_task_specs
 from evolve.engine import Engine, EngineOptions
 from evolve.errors import AlreadyExistsError, CancelledError, InvalidArgumentError, NotFoundError
-from evolve.events import CandidateScored, CheckpointWritten, GenerationStarted, SearchFinished
+from evolve.events import CandidateScored, CheckpointWritten, GenerationStarted, SearchFinished, SearchStarted
 from evolve.types import ROOT_TASK, BundledSource, TaskSpec
 from tests.conftest import tiny_config
 
@@ -77,7 +77,12 @@ def test_later_task_reuses_components(three_task_run):
 def test_events_are_typed_and_ordered(three_task_run):
     *_, events = three_task_run
     kinds = [type(e) for e in events]
-    assert kinds[0] is GenerationStarted
+    assert kinds[0] is SearchStarted and kinds[1] is GenerationStarted
+    started = [e for e in events if isinstance(e, SearchStarted)]
+    assert [e.task for e in started] == [s.name for s in bundled_task_specs()]
+    # the first task probes only the root; each later one also every served path
+    assert [len(e.probes) for e in started] == [1, 2, 3]
+    assert all(sum(p.chosen for p in e.probes) == e.plan.candidates_per_generation for e in started)
     assert CandidateScored in kinds and CheckpointWritten in kinds
     finished = [e for e in events if isinstance(e, SearchFinished)]
     assert [e.state for e in finished] == ["SUCCEEDED"] * 3
@@ -92,7 +97,7 @@ def test_every_served_path_references_live_components(three_task_run):
         for component_id in system.paths[path_id].components.values():
             assert component_id in system.components
             assert task in system.components[component_id].locked_by
-    used = {cid for p in system.paths.values() for cid in p.components.values()}
+    used = {cid for p in system.paths.values() for cid in (*p.components.values(), *p.inherited.values())}
     assert used == set(system.components), "unreferenced components were not collected"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Sequence
 
@@ -15,8 +16,20 @@ logger = logging.getLogger(__name__)
 
 # Seed of every deterministic shuffle of the data layer (splits, subsets).
 SPLIT_SEED = 0
-# Fraction of train used as validation when a local source has none.
-LOCAL_VALIDATION_FRACTION = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationSplit:
+    """How much of train becomes validation when a source has none (DESIGN §3b):
+    `fraction` of it, and at least `min_examples` where the data allows (never
+    more than `max_share` of train)."""
+
+    fraction: float = 0.2
+    min_examples: int = 200
+    max_share: float = 0.3
+
+    def size(self, n: int) -> int:
+        return max(1, int(n * self.fraction), min(self.min_examples, int(n * self.max_share)))
 
 
 def to_uint8_rgb(images: object, field: str, what: str = "images") -> np.ndarray:
@@ -97,22 +110,17 @@ def make_image_set(images: object, labels: object, field: str, split: str) -> Im
     return ImageSet(uint8_images, int_labels)
 
 
-def empty_like(image_set: ImageSet) -> ImageSet:
-    """An empty split with the same image shape."""
-    return image_set.take(np.zeros((0,), dtype=np.int64))
-
-
 def split_off_validation(
-    train: ImageSet, field: str, fraction: float = LOCAL_VALIDATION_FRACTION
+    train: ImageSet, field: str, split: ValidationSplit = ValidationSplit()
 ) -> tuple[ImageSet, ImageSet]:
     """Splits a deterministic validation slice off train.
 
     The train set is permuted with a fixed seed (so that class-sorted files
-    still give a mixed slice); the last `fraction` (at least one example) of
-    that order is validation, the rest stays train in its original order.
+    still give a mixed slice); the last `split.size(n)` examples of that
+    order are validation, the rest stays train in its original order.
     """
     n = len(train)
-    n_val = max(1, int(n * fraction))
+    n_val = split.size(n)
     if n - n_val < 1:
         raise InvalidArgumentError(field, f"train set has {n} example(s): too few to split off a validation set")
     order = np.random.default_rng(SPLIT_SEED).permutation(n)

@@ -7,6 +7,7 @@ import os
 import re
 from typing import Sequence
 
+from evolve.data.arrays import ValidationSplit
 from evolve.data.bundled import load_bundled
 from evolve.data.dataset import TaskData
 from evolve.data.folder import load_image_folder
@@ -51,12 +52,15 @@ def load_task_data(
     *,
     data_roots: Sequence[str] = (),
     max_train_examples: int | None = None,
+    validation_split: ValidationSplit = ValidationSplit(),
 ) -> TaskData:
     """Loads the data of a task from its source.
 
     With `data_roots`, local paths and tfds data_dir must resolve inside one of
     the roots (relative paths against the first root). `max_train_examples`
-    caps the train split (validation and test are never capped). Every bad
+    caps the train split (validation and test are never capped);
+    `validation_split` sizes the validation taken off train when a local
+    source has none. Every bad
     input raises InvalidArgumentError naming the field.
     """
     if not isinstance(spec, TaskSpec):
@@ -66,7 +70,7 @@ def load_task_data(
     roots = _roots(data_roots)
     source = spec.source
     if isinstance(source, NpzSource):
-        data = load_npz(source, roots, max_train)
+        data = load_npz(source, roots, max_train, validation_split)
     elif isinstance(source, ImageFolderSource):
         data = load_image_folder(source, roots, max_train)
     elif isinstance(source, TfdsSource):

@@ -91,7 +91,10 @@ def _split_from(named: dict[str, np.ndarray], split: str) -> ImageSet | None:
     return image_set
 
 
-def load_npz(source: NpzSource, data_roots: Sequence[str], max_train_examples: int | None) -> TaskData:
+def load_npz(
+    source: NpzSource, data_roots: Sequence[str], max_train_examples: int | None,
+    validation_split: arrays.ValidationSplit = arrays.ValidationSplit(),
+) -> TaskData:
     """Loads an NpzSource into TaskData (see the module docstring)."""
     real_path = resolve_path(source.path, FIELD, data_roots)
     named = _read_arrays(real_path)
@@ -102,7 +105,7 @@ def load_npz(source: NpzSource, data_roots: Sequence[str], max_train_examples: i
     assert train is not None
     validation = _split_from(named, "validation")
     if validation is None:
-        train, validation = arrays.split_off_validation(train, FIELD)
+        train, validation = arrays.split_off_validation(train, FIELD, validation_split)
     test = _split_from(named, "test")
     if test is None:
         test = validation

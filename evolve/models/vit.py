@@ -159,6 +159,12 @@ def resize_posembed(pos_embedding: np.ndarray, target_tokens: int) -> np.ndarray
 
 def forward(params: Mapping[str, Params], images: jax.Array, structure: PathStructure) -> jax.Array:
     """Logits of a path for a batch of images in [-1, 1], shape [B, S, S, 3]."""
+    head = nn.Dense(structure.num_classes)
+    return head.apply({"params": params["head"]}, encode(params, images, structure))
+
+
+def encode(params: Mapping[str, Params], images: jax.Array, structure: PathStructure) -> jax.Array:
+    """The body's features (normalised class token, [B, hidden]): everything before `head`."""
     size = structure.size
     x = _embedding(size).apply({"params": params["embedding"]}, images)
     batch = x.shape[0]
@@ -173,8 +179,7 @@ def forward(params: Mapping[str, Params], images: jax.Array, structure: PathStru
             x = x + adapter.apply({"params": params[f"residual_adapter_{i}"]}, x)
         x = block.apply({"params": params[f"encoderblock_{i}"]}, x)
     x = nn.LayerNorm().apply({"params": params["encoder_norm"]}, x)
-    head = nn.Dense(structure.num_classes)
-    return head.apply({"params": params["head"]}, x[:, 0])
+    return x[:, 0]
 
 
 def init_path_params(structure: PathStructure, rng: jax.Array, *, as_numpy: bool = True) -> dict[str, Params]:

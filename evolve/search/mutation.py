@@ -34,6 +34,10 @@ class ChildDraft:
     hparams: dict[str, HyperValue]
     sources: dict[str, ComponentSource]  # forward order
     mutations: list[str]
+    # Blocks the child does not run, resolved along its lineage now, so that a
+    # later re-added block still finds its closest ancestor's component after
+    # the ancestors themselves are garbage-collected (DESIGN §3.2).
+    inherited: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _nearest_index(grid: Sequence, value) -> int:
@@ -61,10 +65,13 @@ def action_fires(hparams: dict[str, HyperValue], action: str, rng: np.random.Gen
 
 
 def resolve(name: str, lineage: Sequence[Path]) -> str | None:
-    """Component id of `name` in the closest path of the lineage that has it."""
+    """Component id of `name` in the closest path of the lineage that has it
+    (its own components first, then the blocks it inherited unused)."""
     for path in lineage:
         if name in path.components:
             return path.components[name]
+        if name in path.inherited:
+            return path.inherited[name]
     return None
 
 
@@ -152,7 +159,12 @@ def mutate(
             mutations.append(f"clone:{name}")
         else:
             sources[name] = ComponentSource("frozen", component_id)
-    return ChildDraft(parent_id=parent.id, hparams=hparams, sources=sources, mutations=mutations)
+    inherited = {}
+    for i in range(sum(1 for n in names if n.startswith("encoderblock_")), config.layer_limit):
+        component_id = resolve(f"encoderblock_{i}", lineage)
+        if component_id is not None:
+            inherited[f"encoderblock_{i}"] = component_id
+    return ChildDraft(parent_id=parent.id, hparams=hparams, sources=sources, mutations=mutations, inherited=inherited)
 
 
 def sample_data_hparams(

@@ -58,8 +58,11 @@ class TrainSettings:
     examples_per_round: int
     eval_batch_size: int
 
-    def steps_per_round(self, train_size: int) -> int:
-        return math.ceil(min(train_size, self.examples_per_round) / self.batch_size)
+    @property
+    def steps_per_round(self) -> int:
+        """A round is examples_per_round training examples (several epochs of a
+        small task), not one epoch (DESIGN §3b)."""
+        return math.ceil(self.examples_per_round / self.batch_size)
 
 
 _AUGMENTATION_OFF = {"crop_area": 1.0, "flip": False, "brightness": 0.0, "contrast": 0.0,
@@ -74,9 +77,10 @@ class _Batches:
     """The generation's shared training batches, preprocessed per image size."""
 
     def __init__(self, train: ImageSet, batch_size: int, data_hparams: Mapping[str, HyperValue], seed: int):
-        self._iterator = batch_iterator(train, batch_size, seed)
+        shuffle_seed, augment_seed = np.random.SeedSequence(seed).spawn(2)  # independent streams
+        self._iterator = batch_iterator(train, batch_size, int(shuffle_seed.generate_state(1)[0]))
         self._hparams = data_hparams
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(augment_seed)
         self._static = augmentation_is_off(data_hparams)
 
     def next(self, image_sizes: Sequence[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
@@ -177,7 +181,7 @@ class _CandidateState:
         )
         score = self.plan.score_of_quality(quality)
         self.best_quality = max(self.best_quality, quality)
-        if score > self.best_score:
+        if score >= self.best_score:  # ties accepted, as the reference (DESIGN §3.5)
             self.best_score = score
             self.best_quality = quality
             self.best = jax.device_get((self.trainable, optimizer.momentum_trace(self.opt_state)))
@@ -207,7 +211,7 @@ def train_candidates(
 ) -> list[TrainResult]:
     """Trains every plan for settings.rounds rounds, validating after each."""
     devices = list(devices or jax.local_devices())
-    steps_per_round = settings.steps_per_round(len(data.train.labels))
+    steps_per_round = settings.steps_per_round
     total_steps = steps_per_round * settings.rounds
     states = [
         _CandidateState(plan, devices[i % len(devices)], total_steps, settings.rounds)

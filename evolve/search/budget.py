@@ -1,0 +1,85 @@
+"""What one task iteration will spend, in words a user can check (DESIGN §3.4, §3.6)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from evolve.config import SearchConfig
+from evolve.types import SearchBudget
+
+EXTENSION = "extension"
+GENERALIZATION = "generalization"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchPlan:
+    """The budget of one search, fixed before it runs."""
+
+    kind: str  # EXTENSION or GENERALIZATION
+    generations: int
+    candidates_per_generation: int
+    rounds: int  # validations per candidate
+    examples_per_round: int  # training examples between two validations
+    batch_size: int
+    train_examples: int  # size of the task's training split
+    validation_examples: int  # examples candidates are ranked on
+
+    @property
+    def steps_per_round(self) -> int:
+        return math.ceil(self.examples_per_round / self.batch_size)
+
+    @property
+    def steps_per_candidate(self) -> int:
+        return self.rounds * self.steps_per_round
+
+    @property
+    def examples_per_candidate(self) -> int:
+        return self.steps_per_candidate * self.batch_size
+
+    @property
+    def candidates(self) -> int:
+        return self.generations * self.candidates_per_generation
+
+    @property
+    def epochs_per_candidate(self) -> float:
+        return self.examples_per_candidate / max(self.train_examples, 1)
+
+    def describe(self) -> str:
+        return (
+            f"{self.generations} generations x {self.candidates_per_generation} candidates; each candidate "
+            f"trains {self.steps_per_candidate} steps of {self.batch_size} "
+            f"({self.examples_per_candidate} examples, {self.epochs_per_candidate:.1f} epochs of "
+            f"{self.train_examples} training images) and is validated {self.rounds} times on "
+            f"{self.validation_examples} images"
+        )
+
+
+def search_plan(
+    config: SearchConfig,
+    budget: SearchBudget,
+    *,
+    kind: str,
+    train_examples: int,
+    validation_examples: int,
+    num_devices: int = 1,
+) -> SearchPlan:
+    """The task's budget overrides, else the configuration's.
+
+    Without an override a generation trains at least one candidate per
+    device, rounded up to whole devices (DESIGN §3.6).
+    """
+    candidates = budget.candidates_per_generation
+    if not candidates:
+        devices = max(num_devices, 1)
+        candidates = devices * math.ceil(max(config.candidates_per_generation, devices) / devices)
+    return SearchPlan(
+        kind=kind,
+        generations=budget.generations or config.generations,
+        candidates_per_generation=candidates,
+        rounds=budget.train_rounds or config.train_rounds,
+        examples_per_round=budget.examples_per_round or config.examples_per_round,
+        batch_size=config.batch_size,
+        train_examples=train_examples,
+        validation_examples=min(validation_examples, config.validation_examples),
+    )
