@@ -32,10 +32,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from evolve.config import SearchConfig
-from evolve.search.probe import ParentProbe
 from evolve.errors import CorruptCheckpointError
 from evolve.system import System, TaskRecord, TaskStatus
-from evolve.types import Component, Path, ViTSize, params_hash, spec_from_dict, spec_to_dict
+from evolve.types import Component, ParentProbe, Path, ViTSize, params_hash, spec_from_dict, spec_to_dict
 
 logger = logging.getLogger(__name__)
 

@@ -39,10 +39,9 @@ from evolve.models import root as root_models
 from evolve.search import scoring, selection
 from evolve.search.budget import EXTENSION, GENERALIZATION, SearchPlan, search_plan
 from evolve.search.iteration import TaskIteration, structure_of
-from evolve.search.probe import ParentProbe
 from evolve.system import System, TaskRecord, TaskStatus
 from evolve.train import loop, steps
-from evolve.types import ROOT_TASK, Component, Path, PathStructure, TaskSpec, validate_task_name
+from evolve.types import ROOT_TASK, Component, ParentProbe, Path, PathStructure, TaskSpec, validate_task_name
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Callable, Union
 
 from evolve.search.budget import SearchPlan
-from evolve.search.probe import ParentProbe
+from evolve.types import ParentProbe
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from evolve.config import SearchConfig
-from evolve.search.probe import ParentProbe
-from evolve.types import Component, Path, TaskSpec
+from evolve.types import Component, ParentProbe, Path, TaskSpec
 
 
 class TaskStatus(str, enum.Enum):

@@ -163,6 +163,18 @@ class Path:
         return tuple(sorted(adapter_index(n) for n in self.components if n.startswith("residual_adapter_")))
 
 
+@dataclasses.dataclass(frozen=True)
+class ParentProbe:
+    """One path's probe on the new task, and whether it seeds a parent."""
+
+    path_id: str
+    task: str
+    accuracy: float
+    seconds: float
+    chosen: int = 0  # first-generation candidates seeded from this path
+    reason: str = ""
+
+
 # ---- task sources ---------------------------------------------------------
 
 

@@ -136,6 +136,10 @@ def render_task(task: evolve_pb2.Task, *, all_hparams: bool = False) -> str:
     ]
     rows = [(c.name, c.id, human(c.params), ", ".join(c.locked_by) or "-") for c in task.components]
     lines += ["    " + line for line in table(rows, ("NAME", "ID", "PARAMS", "LOCKED BY")).splitlines()]
+    if task.probes:
+        lines.append("  first parents (probe: ridge readout on each model's frozen features, validation accuracy):")
+        rows = [(p.path_id, p.task, percent(p.accuracy), p.chosen or "-", p.reason) for p in task.probes]
+        lines += ["    " + line for line in table(rows, ("MODEL", "TASK", "PROBE", "CANDIDATES", "WHY")).splitlines()]
     learned = sorted(k for k in task.hparams if k.startswith("_mu_|"))
     shown = sorted(k for k in task.hparams if all_hparams or not k.startswith("_mu_|"))
     lines.append("  hyperparameters:")
@@ -153,6 +157,8 @@ def render_operation(operation: evolve_pb2.Operation) -> str:
         text += f", generation {meta.generation}/{meta.generations}, {meta.candidates_scored} candidates scored"
     if meta.best_score or meta.best_quality:
         text += f", best score {meta.best_score:.4f} (validation {percent(meta.best_quality)})"
+    if meta.plan.description:
+        text += f"\n  budget: {meta.plan.description}"
     if operation.HasField("error"):
         text += "\n  " + client_lib.describe_operation_error(operation.error).replace("\n", "\n  ")
     return text
@@ -290,7 +296,13 @@ class EvolutionView:
             self._progress[key] = _Progress(event.task, _seconds(event))
         progress = self._progress.get(key)
         tag = f"[{event.task}]" if event.task else "[system]"
-        if kind == "generation_started":
+        if kind == "search_started":
+            started = event.search_started
+            self._line(f"{tag} {started.kind} search: {started.plan.description}")
+            for probe in started.probes:
+                chosen = f" -> parent of {probe.chosen} ({probe.reason})" if probe.chosen else ""
+                self._line(f"  probe {probe.path_id} ({probe.task}): {percent(probe.accuracy)}{chosen}")
+        elif kind == "generation_started":
             started = event.generation_started
             progress.generation, progress.generations = started.generation, started.generations
             progress.candidates, progress.scored_in_generation = started.candidates, 0

@@ -32,6 +32,8 @@ from service.gen.inference import grpc_predict_v2_pb2 as infer_pb2
 
 if TYPE_CHECKING:  # the engine imports JAX; this module must not need it
     from evolve.engine import Prediction, SystemSummary, TaskInfo
+    from evolve.search.budget import SearchPlan
+    from evolve.types import ParentProbe
     from service.event_log import LoggedEvent
     from service.jobs import OperationRecord
 
@@ -224,7 +226,24 @@ def task_to_proto(info: "TaskInfo") -> evolve_pb2.Task:
         )
     for key, value in info.hparams.items():
         task.hparams[key] = str(value)
+    task.probes.extend(probe_to_proto(p) for p in info.probes)
     return task
+
+
+def probe_to_proto(probe: "ParentProbe") -> evolve_pb2.ParentProbe:
+    return evolve_pb2.ParentProbe(
+        path_id=probe.path_id, task=probe.task, accuracy=probe.accuracy, seconds=probe.seconds,
+        chosen=probe.chosen, reason=probe.reason,
+    )
+
+
+def plan_to_proto(plan: "SearchPlan") -> evolve_pb2.SearchPlan:
+    return evolve_pb2.SearchPlan(
+        generations=plan.generations, candidates_per_generation=plan.candidates_per_generation,
+        rounds=plan.rounds, examples_per_round=plan.examples_per_round, batch_size=plan.batch_size,
+        steps_per_candidate=plan.steps_per_candidate, train_examples=plan.train_examples,
+        validation_examples=plan.validation_examples, description=plan.describe(),
+    )
 
 
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -247,6 +266,8 @@ def operation_to_proto(record: "OperationRecord", task: "TaskInfo | None" = None
         create_time=timestamp(record.create_time),
         update_time=timestamp(record.update_time),
     )
+    if record.plan is not None:
+        metadata.plan.CopyFrom(plan_to_proto(record.plan))
     operation = evolve_pb2.Operation(name=record.name, metadata=metadata, done=record.done)
     if record.error is not None:
         operation.error.code = record.error.code
@@ -265,7 +286,11 @@ def event_to_proto(logged: "LoggedEvent") -> evolve_pb2.Event:
         sequence=logged.sequence, time=timestamp(logged.time), task=logged.task, operation=logged.operation
     )
     event = logged.event
-    if isinstance(event, domain_events.GenerationStarted):
+    if isinstance(event, domain_events.SearchStarted):
+        message.search_started.CopyFrom(evolve_pb2.SearchStarted(
+            kind=event.plan.kind, plan=plan_to_proto(event.plan), probes=[probe_to_proto(p) for p in event.probes]
+        ))
+    elif isinstance(event, domain_events.GenerationStarted):
         message.generation_started.CopyFrom(evolve_pb2.GenerationStarted(
             generation=event.generation + 1, generations=event.generations, candidates=event.candidates
         ))

@@ -37,14 +37,13 @@ from evolve.errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
+from evolve.search.budget import EXTENSION, GENERALIZATION, SearchPlan
 from evolve.types import TaskSpec
 from service.errors import UnavailableError, status_of
 from service.event_log import EventLog
 
 logger = logging.getLogger(__name__)
 
-EXTENSION = "extension"  # as evolve.engine names them; not imported (JAX)
-GENERALIZATION = "generalization"
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -97,6 +96,7 @@ class OperationRecord:
     best_quality: float = 0.0
     error: OperationError | None = None
     cancel_requested: bool = False
+    plan: SearchPlan | None = None  # the budget, known before the search runs
 
     @property
     def done(self) -> bool:
@@ -108,17 +108,20 @@ class OperationRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict for the checkpoint manifest."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "error"}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("error", "plan")}
         data["error"] = self.error.encode() if self.error else None
+        data["plan"] = dataclasses.asdict(self.plan) if self.plan else None
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "OperationRecord":
         data = dict(data)
         error = data.pop("error", None)
+        plan = data.pop("plan", None)
         fields = {f.name for f in dataclasses.fields(cls)}
         record = cls(**{k: v for k, v in data.items() if k in fields})
         record.error = OperationError.decode(error) if error else None
+        record.plan = SearchPlan(**plan) if plan else None
         return record
 
 
@@ -214,6 +217,7 @@ class Jobs:
             self._check_accepting()
             self._engine.add_task(spec)
             record = self._create(EXTENSION, spec.name, "submit", request_id)
+            record.plan = self._engine.search_plan(spec.name, EXTENSION)
             self._save()
             self._enqueue(record.name)
             logger.info("%s: extension search of %s queued", record.name, spec.name)
@@ -232,6 +236,7 @@ class Jobs:
             self._check_accepting()
             kind = self._improvement_kind(task)
             record = self._create(kind, task, "improve", request_id)
+            record.plan = self._engine.search_plan(task, kind) if task else None
             self._save()
             self._enqueue(record.name)
             logger.info("%s: %s search of %s queued", record.name, kind, task or "every ready task")
@@ -466,7 +471,9 @@ class Jobs:
 
 
 def _apply_progress(record: OperationRecord, event: domain_events.Event) -> None:
-    if isinstance(event, domain_events.GenerationStarted):
+    if isinstance(event, domain_events.SearchStarted):
+        record.plan, record.generations = event.plan, event.plan.generations
+    elif isinstance(event, domain_events.GenerationStarted):
         record.generation, record.generations = event.generation + 1, event.generations
     elif isinstance(event, domain_events.CandidateScored):
         record.candidates_scored += 1

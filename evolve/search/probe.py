@@ -19,7 +19,7 @@ import numpy as np
 
 from evolve.data import preprocess_eval
 from evolve.models import vit
-from evolve.types import Params, PathStructure
+from evolve.types import ParentProbe, Params, PathStructure
 
 # Ridge strengths tried per path, relative to the mean feature energy; the
 # best on validation is the path's probe score (cheap: one eigendecomposition).
@@ -34,18 +34,6 @@ class ProbeTarget:
     task: str
     structure: PathStructure
     params: Mapping[str, Params]  # the body's components (no head needed)
-
-
-@dataclasses.dataclass(frozen=True)
-class ParentProbe:
-    """One path's probe on the new task, and whether it seeds a parent."""
-
-    path_id: str
-    task: str
-    accuracy: float
-    seconds: float
-    chosen: int = 0  # first-generation candidates seeded from this path
-    reason: str = ""
 
 
 @functools.partial(jax.jit, static_argnames=("structure",))

@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 from evolve import errors as domain
 from evolve.events import CandidateAccepted, CandidateScored, GenerationStarted, SearchFinished
 from evolve.types import BundledSource, ImageFolderSource, NpzSource, SearchBudget, TaskSpec, TfdsSource
+from evolve.search.budget import SearchPlan
 from service import converters, jobs as jobs_lib
 from service.auth import MUTATING, OPEN, READ, AuthInterceptor, access_class, bearer_token
 from service.errors import ErrorInterceptor, UnavailableError, status_of
@@ -184,6 +185,11 @@ class FakeEngine:
     def tasks(self):
         return [self.task(name) for name in sorted(self.status)]
 
+    def search_plan(self, task, kind):
+        self.task(task)
+        return SearchPlan(kind, generations=1, candidates_per_generation=2, rounds=3, examples_per_round=64,
+                          batch_size=32, train_examples=100, validation_examples=20)
+
     def run_search(self, task, kind, *, cancel, on_event):
         self.searches.append((task, kind))
         on_event(GenerationStarted(task, 0, 1, 2))
@@ -225,6 +231,9 @@ def test_jobs_run_searches_in_order_with_progress():
     with pytest.raises(domain.AlreadyExistsError):
         queue.submit(_spec("a"), "r2")
     assert engine.saved and engine.saved[-1]["operations"][0]["state"] == "QUEUED"  # saved before it runs
+    assert first.plan.steps_per_candidate == 6  # the budget is known before the search runs
+    assert jobs_lib.OperationRecord.from_dict(engine.saved[-1]["operations"][0]).plan == first.plan
+    assert converters.operation_to_proto(first).metadata.plan.steps_per_candidate == 6
     second = queue.submit(_spec("b"))
     queue.start()
     _wait_state(queue, first.name, "RUNNING")

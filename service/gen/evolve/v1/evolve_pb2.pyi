@@ -117,7 +117,7 @@ class ComponentRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., locked_by: _Optional[_Iterable[str]] = ..., params: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "status", "best_score", "validation_accuracy", "test_accuracy", "params", "accounted_params", "flops", "path_version", "components", "shares_with", "hparams", "num_classes", "spec")
+    __slots__ = ("name", "status", "best_score", "validation_accuracy", "test_accuracy", "params", "accounted_params", "flops", "path_version", "components", "shares_with", "hparams", "num_classes", "spec", "probes")
     class HparamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,7 @@ class Task(_message.Message):
     HPARAMS_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    PROBES_FIELD_NUMBER: _ClassVar[int]
     name: str
     status: TaskStatus
     best_score: float
@@ -153,7 +154,8 @@ class Task(_message.Message):
     hparams: _containers.ScalarMap[str, str]
     num_classes: int
     spec: TaskSpec
-    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., best_score: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., params: _Optional[int] = ..., accounted_params: _Optional[float] = ..., flops: _Optional[float] = ..., path_version: _Optional[int] = ..., components: _Optional[_Iterable[_Union[ComponentRef, _Mapping]]] = ..., shares_with: _Optional[_Iterable[str]] = ..., hparams: _Optional[_Mapping[str, str]] = ..., num_classes: _Optional[int] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ...) -> None: ...
+    probes: _containers.RepeatedCompositeFieldContainer[ParentProbe]
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., best_score: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., params: _Optional[int] = ..., accounted_params: _Optional[float] = ..., flops: _Optional[float] = ..., path_version: _Optional[int] = ..., components: _Optional[_Iterable[_Union[ComponentRef, _Mapping]]] = ..., shares_with: _Optional[_Iterable[str]] = ..., hparams: _Optional[_Mapping[str, str]] = ..., num_classes: _Optional[int] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., probes: _Optional[_Iterable[_Union[ParentProbe, _Mapping]]] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("name",)
@@ -178,7 +180,7 @@ class ListTasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class OperationMetadata(_message.Message):
-    __slots__ = ("kind", "task", "state", "generation", "generations", "candidates_scored", "best_score", "best_quality", "create_time", "update_time")
+    __slots__ = ("kind", "task", "state", "generation", "generations", "candidates_scored", "best_score", "best_quality", "create_time", "update_time", "plan")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +191,7 @@ class OperationMetadata(_message.Message):
     BEST_QUALITY_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     kind: str
     task: str
     state: OperationState
@@ -199,7 +202,46 @@ class OperationMetadata(_message.Message):
     best_quality: float
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, kind: _Optional[str] = ..., task: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., generation: _Optional[int] = ..., generations: _Optional[int] = ..., candidates_scored: _Optional[int] = ..., best_score: _Optional[float] = ..., best_quality: _Optional[float] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    plan: SearchPlan
+    def __init__(self, kind: _Optional[str] = ..., task: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., generation: _Optional[int] = ..., generations: _Optional[int] = ..., candidates_scored: _Optional[int] = ..., best_score: _Optional[float] = ..., best_quality: _Optional[float] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., plan: _Optional[_Union[SearchPlan, _Mapping]] = ...) -> None: ...
+
+class SearchPlan(_message.Message):
+    __slots__ = ("generations", "candidates_per_generation", "rounds", "examples_per_round", "batch_size", "steps_per_candidate", "train_examples", "validation_examples", "description")
+    GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_PER_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    generations: int
+    candidates_per_generation: int
+    rounds: int
+    examples_per_round: int
+    batch_size: int
+    steps_per_candidate: int
+    train_examples: int
+    validation_examples: int
+    description: str
+    def __init__(self, generations: _Optional[int] = ..., candidates_per_generation: _Optional[int] = ..., rounds: _Optional[int] = ..., examples_per_round: _Optional[int] = ..., batch_size: _Optional[int] = ..., steps_per_candidate: _Optional[int] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
+
+class ParentProbe(_message.Message):
+    __slots__ = ("path_id", "task", "accuracy", "seconds", "chosen", "reason")
+    PATH_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    path_id: str
+    task: str
+    accuracy: float
+    seconds: float
+    chosen: int
+    reason: str
+    def __init__(self, path_id: _Optional[str] = ..., task: _Optional[str] = ..., accuracy: _Optional[float] = ..., seconds: _Optional[float] = ..., chosen: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class OperationError(_message.Message):
     __slots__ = ("code", "message", "details")
@@ -293,6 +335,16 @@ class WatchEvolutionRequest(_message.Message):
     after_sequence: int
     def __init__(self, task: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
 
+class SearchStarted(_message.Message):
+    __slots__ = ("kind", "plan", "probes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    PROBES_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    plan: SearchPlan
+    probes: _containers.RepeatedCompositeFieldContainer[ParentProbe]
+    def __init__(self, kind: _Optional[str] = ..., plan: _Optional[_Union[SearchPlan, _Mapping]] = ..., probes: _Optional[_Iterable[_Union[ParentProbe, _Mapping]]] = ...) -> None: ...
+
 class GenerationStarted(_message.Message):
     __slots__ = ("generation", "generations", "candidates")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -368,7 +420,7 @@ class CheckpointWritten(_message.Message):
     def __init__(self, step: _Optional[int] = ..., directory: _Optional[str] = ..., new_components: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("sequence", "time", "task", "operation", "generation_started", "candidate_scored", "candidate_accepted", "search_finished", "checkpoint_written")
+    __slots__ = ("sequence", "time", "task", "operation", "generation_started", "candidate_scored", "candidate_accepted", "search_finished", "checkpoint_written", "search_started")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -378,6 +430,7 @@ class Event(_message.Message):
     CANDIDATE_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     SEARCH_FINISHED_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_STARTED_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     time: _timestamp_pb2.Timestamp
     task: str
@@ -387,7 +440,8 @@ class Event(_message.Message):
     candidate_accepted: CandidateAccepted
     search_finished: SearchFinished
     checkpoint_written: CheckpointWritten
-    def __init__(self, sequence: _Optional[int] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., task: _Optional[str] = ..., operation: _Optional[str] = ..., generation_started: _Optional[_Union[GenerationStarted, _Mapping]] = ..., candidate_scored: _Optional[_Union[CandidateScored, _Mapping]] = ..., candidate_accepted: _Optional[_Union[CandidateAccepted, _Mapping]] = ..., search_finished: _Optional[_Union[SearchFinished, _Mapping]] = ..., checkpoint_written: _Optional[_Union[CheckpointWritten, _Mapping]] = ...) -> None: ...
+    search_started: SearchStarted
+    def __init__(self, sequence: _Optional[int] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., task: _Optional[str] = ..., operation: _Optional[str] = ..., generation_started: _Optional[_Union[GenerationStarted, _Mapping]] = ..., candidate_scored: _Optional[_Union[CandidateScored, _Mapping]] = ..., candidate_accepted: _Optional[_Union[CandidateAccepted, _Mapping]] = ..., search_finished: _Optional[_Union[SearchFinished, _Mapping]] = ..., checkpoint_written: _Optional[_Union[CheckpointWritten, _Mapping]] = ..., search_started: _Optional[_Union[SearchStarted, _Mapping]] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "datatype", "data")
