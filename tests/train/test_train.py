@@ -144,3 +144,15 @@ def test_compiled_steps_are_trimmed_beyond_the_bound():
     traces = steps.TRACE_COUNTS["train_step"]
     loop.train_candidates([_plan(structure, {"head"})], _data(), SETTINGS, {}, seed=0)
     assert steps.TRACE_COUNTS["train_step"] == traces + 1  # recompiled after trimming
+
+
+def test_a_candidate_that_ties_its_parent_is_kept():
+    structure = PathStructure(TEST_SIZE, 2, 16, 3, (), 8)
+    plan = _plan(structure, {"head"})
+    plan.score_of_quality = lambda quality: 0.5  # every round scores exactly the parent's 0.5
+    plan.start_score = 0.5
+    (result,) = loop.train_candidates([plan], _data(), SETTINGS, {}, seed=0)
+    assert result.trainable is not None and result.score == 0.5
+    plan.start_score = 0.5000001
+    (result,) = loop.train_candidates([plan], _data(), SETTINGS, {}, seed=0)
+    assert result.trainable is None
