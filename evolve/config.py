@@ -78,6 +78,10 @@ class SearchConfig:
     # first generation's parents are the paths within probe_tolerance of the best.
     probe_examples: int = 1024
     probe_tolerance: float = 0.02
+    # The first generation's last candidate trains a copy of every component of
+    # its (best-probing) parent, as a plain fine-tune would: the search then
+    # always weighs sharing against a full fine-tune of the closest model.
+    finetune_first_candidate: bool = True
 
     @property
     def layer_limit(self) -> int:

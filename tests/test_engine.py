@@ -83,6 +83,9 @@ def test_events_are_typed_and_ordered(three_task_run):
     # the first task probes only the root; each later one also every served path
     assert [len(e.probes) for e in started] == [1, 2, 3]
     assert all(sum(p.chosen for p in e.probes) == e.plan.candidates_per_generation for e in started)
+    for task in (s.name for s in bundled_task_specs()):  # one full fine-tune in each first generation
+        first = [e for e in events if isinstance(e, CandidateScored) and e.task == task and e.generation == 0]
+        assert [("clone:all" in e.mutations) for e in first] == [False, True]
     assert CandidateScored in kinds and CheckpointWritten in kinds
     finished = [e for e in events if isinstance(e, SearchFinished)]
     assert [e.state for e in finished] == ["SUCCEEDED"] * 3

@@ -135,9 +135,11 @@ class TaskIteration:
             with self.lock:
                 data_hparams = generation_data_hparams(population, self.config, rng)
                 parents = first_parents if generation == 0 and first_parents else []
+                count = self.plan.candidates_per_generation
                 drafts = [
-                    self._draft(population, data_hparams, rng, parents[i] if i < len(parents) else None)
-                    for i in range(self.plan.candidates_per_generation)
+                    self._draft(population, data_hparams, rng, parents[i] if i < len(parents) else None,
+                                clone_all=bool(parents) and self.config.finetune_first_candidate and i == count - 1)
+                    for i in range(count)
                 ]
             planned = [self._plan(draft, rng) for draft in drafts]
             results = loop.train_candidates(
@@ -177,7 +179,7 @@ class TaskIteration:
 
     def _draft(
         self, population: list[Path], data_hparams: Mapping[str, Any], rng: np.random.Generator,
-        parent_id: str | None,
+        parent_id: str | None, clone_all: bool = False,
     ) -> Draft:
         if parent_id is not None:
             parent = self.system.paths[parent_id]
@@ -190,6 +192,11 @@ class TaskIteration:
             component=self.system.components.__getitem__, config=self.config, rng=rng,
         )
         child.hparams.update(data_hparams)
+        if clone_all:
+            frozen = [name for name, source in child.sources.items() if source.mode == "frozen"]
+            for name in frozen:
+                child.sources[name] = mutation.ComponentSource("train", child.sources[name].component_id)
+            child.mutations.append("clone:all")
         used = {s.component_id for s in child.sources.values() if s.component_id is not None}
         components = {cid: self.system.components[cid] for cid in used}
         # Sharing as it stands when drafted: accounted parameters use it.

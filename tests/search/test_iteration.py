@@ -247,3 +247,18 @@ def _iteration_for(engine: Engine, task: str) -> iteration.TaskIteration:
     data = engine._task_data(task)
     return iteration.TaskIteration(engine.system, threading.RLock(), task, data, engine.search_plan(task),
                                    seed=0, devices=engine.devices, emit=lambda event: None)
+
+
+def test_the_first_generations_last_candidate_fine_tunes_its_parent_in_full():
+    engine = _engine()
+    for component in engine.system.components.values():
+        component.trained = True  # a pretrained root: frozen unless cloned
+    run = _iteration(engine)
+    root = dataclasses.replace(engine.system.root_path, hparams=dict(engine.system.root_path.hparams, _mu_=0.0))
+    engine.system.paths[root.id] = root
+    data_hparams = iteration.generation_data_hparams([], engine.system.config, np.random.default_rng(0))
+    shared = run._draft([], data_hparams, np.random.default_rng(0), parent_id=root.id)
+    full = run._draft([], data_hparams, np.random.default_rng(0), parent_id=root.id, clone_all=True)
+    assert any(s.mode == "frozen" for s in shared.child.sources.values())
+    assert all(s.mode != "frozen" for s in full.child.sources.values())
+    assert full.child.mutations[-1] == "clone:all"
