@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test protos check-protos bench clean
+.PHONY: demo test protos check-protos bench bench-quality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ check-protos: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_predict.py
+
+# Evolved system vs scratch / fine-tuned ViTs and classical baselines (about an hour on 2 cores).
+bench-quality: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/bench_quality.py --baseline-cache bench/.cache
 
 clean:
 	rm -rf $(VENV) state build *.egg-info

@@ -141,7 +141,10 @@ class TaskIteration:
                                 clone_all=bool(parents) and self.config.finetune_first_candidate and i == count - 1)
                     for i in range(count)
                 ]
-            planned = [self._plan(draft, rng) for draft in drafts]
+            planned = []
+            for draft in drafts:  # each plan may compile (FLOPs): a drain must not wait for all of them
+                self._check_cancel()
+                planned.append(self._plan(draft, rng))
             results = loop.train_candidates(
                 [p.plan for p in planned], self.data, self._train_settings(), data_hparams,
                 seed=int(rng.integers(2**31)), devices=self.devices, cancel=self.cancel,

@@ -102,7 +102,8 @@ def test_mocked_mnist_max_train_and_explicit_splits():
 def test_default_validation_is_a_slice_of_train(prepared):
     data = _load(prepared)
     assert data.num_classes == 3 and data.class_names == ("circle", "square", "star")
-    assert (len(data.train), len(data.validation), len(data.test)) == (98, 2, NUM_TEST)
+    # mu2Net's 2% of train, raised towards 200 validation images up to 30% of train
+    assert (len(data.train), len(data.validation), len(data.test)) == (70, 30, NUM_TEST)
     assert not _ids(data.train) & _ids(data.validation)
     assert _ids(data.train) | _ids(data.validation) == set(range(NUM_TRAIN))
     assert _ids(data.test) == set(range(NUM_TRAIN, NUM_TRAIN + NUM_TEST))
@@ -113,7 +114,7 @@ def test_default_validation_is_a_slice_of_train(prepared):
 
 def test_max_train_examples_slices_train(prepared):
     data = _load(prepared, max_train=10)
-    assert (len(data.train), len(data.validation)) == (10, 2)
+    assert (len(data.train), len(data.validation)) == (10, 30)
     assert not _ids(data.train) & _ids(data.validation)
 
 
@@ -124,7 +125,7 @@ def test_explicit_validation_and_no_test(prepared):
 
 def test_sliced_train_split_without_validation(prepared):
     data = _load(prepared, train_split="train[:50]")
-    assert (len(data.train), len(data.validation)) == (49, 1)
+    assert (len(data.train), len(data.validation)) == (35, 15)
     assert _ids(data.train) | _ids(data.validation) <= set(range(NUM_TRAIN))
     _check_pairing(data.train)
 

@@ -608,9 +608,13 @@ def test_watch_replays_a_finished_search(server, client, digits_operation):
     events = [json.loads(line) for line in result.stdout.splitlines()]
     sequences = [int(e["sequence"]) for e in events]
     assert sequences == sorted(set(sequences)) and all(e["operation"] == name for e in events)
-    kinds = [next(k for k in e if k in ("generation_started", "candidate_scored", "candidate_accepted",
-                                        "search_finished", "checkpoint_written")) for e in events]
-    assert kinds[0] == "generation_started" and "candidate_scored" in kinds and "search_finished" in kinds
+    kinds = [next(k for k in e if k in ("search_started", "generation_started", "candidate_scored",
+                                        "candidate_accepted", "search_finished", "checkpoint_written"))
+             for e in events]
+    assert kinds[:2] == ["search_started", "generation_started"]
+    assert "candidate_scored" in kinds and "search_finished" in kinds
+    assert int(events[0]["search_started"]["plan"]["steps_per_candidate"]) > 0
+    assert events[0]["search_started"]["probes"][0]["task"] == "__root__"  # the first task probes the root only
     # resuming after a sequence replays only what follows it
     with client.watch(task="digits", after_sequence=sequences[1]) as stream:
         assert next(stream).sequence == sequences[2]

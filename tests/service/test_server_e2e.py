@@ -96,7 +96,9 @@ def test_events_arrive_in_order(run):
         own = by_operation[operation.name]
         kinds = [e.WhichOneof("kind") for e in own]
         assert all(e.task == task for e in own)
-        assert kinds[0] == "generation_started" and own[0].generation_started.generation == 1
+        assert kinds[:2] == ["search_started", "generation_started"] and own[1].generation_started.generation == 1
+        plan = own[0].search_started.plan
+        assert plan.generations == operation.metadata.plan.generations and "steps of" in plan.description
         assert "candidate_scored" in kinds and "checkpoint_written" in kinds
         assert kinds.index("candidate_scored") < kinds.index("candidate_accepted") < kinds.index("search_finished")
         end = own[kinds.index("search_finished")].search_finished
