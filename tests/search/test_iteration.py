@@ -149,13 +149,7 @@ def test_a_component_that_does_not_fit_the_structure_is_an_error():
 
 
 def test_planning_freezes_shared_components_and_counts_their_share():
-    engine = _engine()
-    for component in engine.system.components.values():
-        component.trained = True  # a pretrained root: frozen unless cloned
-    run = _iteration(engine)
-    root = dataclasses.replace(engine.system.root_path, hparams=dict(engine.system.root_path.hparams, _mu_=0.0))
-    engine.system.paths[root.id] = root
-    data_hparams = iteration.generation_data_hparams([], engine.system.config, np.random.default_rng(0))
+    engine, run, root, data_hparams = _pretrained_root_iteration()
     draft = run._draft([], data_hparams, np.random.default_rng(0), parent_id=root.id)
     planned = run._plan(draft, np.random.default_rng(0))
     assert set(planned.plan.trainable) == {"encoder_norm", "head"}
@@ -171,6 +165,19 @@ def _leaves(tree):
             yield from _leaves(value)
     else:
         yield tree
+
+
+def _pretrained_root_iteration():
+    """An iteration over a system whose root is pretrained (frozen unless
+    cloned) and never mutates (mu 0)."""
+    engine = _engine()
+    for component in engine.system.components.values():
+        component.trained = True
+    run = _iteration(engine)
+    root = dataclasses.replace(engine.system.root_path, hparams=dict(engine.system.root_path.hparams, _mu_=0.0))
+    engine.system.paths[root.id] = root
+    data_hparams = iteration.generation_data_hparams([], engine.system.config, np.random.default_rng(0))
+    return engine, run, root, data_hparams
 
 
 # ---- §3b budget and validation ----------------------------------------------------------
@@ -250,13 +257,7 @@ def _iteration_for(engine: Engine, task: str) -> iteration.TaskIteration:
 
 
 def test_the_first_generations_last_candidate_fine_tunes_its_parent_in_full():
-    engine = _engine()
-    for component in engine.system.components.values():
-        component.trained = True  # a pretrained root: frozen unless cloned
-    run = _iteration(engine)
-    root = dataclasses.replace(engine.system.root_path, hparams=dict(engine.system.root_path.hparams, _mu_=0.0))
-    engine.system.paths[root.id] = root
-    data_hparams = iteration.generation_data_hparams([], engine.system.config, np.random.default_rng(0))
+    engine, run, root, data_hparams = _pretrained_root_iteration()
     shared = run._draft([], data_hparams, np.random.default_rng(0), parent_id=root.id)
     full = run._draft([], data_hparams, np.random.default_rng(0), parent_id=root.id, clone_all=True)
     assert any(s.mode == "frozen" for s in shared.child.sources.values())
