@@ -201,9 +201,8 @@ class TaskIteration:
                 child.sources[name] = mutation.ComponentSource("train", child.sources[name].component_id)
             child.mutations.append("clone:all")
         used = {s.component_id for s in child.sources.values() if s.component_id is not None}
-        components = {cid: self.system.components[cid] for cid in used}
-        # Sharing as it stands when drafted: accounted parameters use it.
-        components = {cid: dataclasses.replace(c) for cid, c in components.items()}
+        # Copies keep sharing (locked_by) as it stands when drafted: accounted parameters use it.
+        components = {cid: dataclasses.replace(self.system.components[cid]) for cid in used}
         return Draft(child, parent.task, parent_start_score(parent, self.task), components)
 
     # ---- plan (outside the lock) ---------------------------------------
@@ -262,9 +261,10 @@ class TaskIteration:
             child = self._adopt(item, result, generation)
             if child is not None:
                 population.append(child)
+            quality = max(result.quality, 0.0)  # the candidate's own, not the bar it had to reach
             self.emit(CandidateScored(
                 self.task, child.id if child else "", item.draft.child.parent_id, item.draft.parent_task,
-                generation, result.score, result.quality, item.params, item.flops,
+                generation, item.plan.score_of_quality(quality), quality, item.params, item.flops,
                 tuple(item.draft.child.mutations), child is not None,
                 train_seconds=result.train_seconds, compile_seconds=result.compile_seconds,
             ))

@@ -45,8 +45,7 @@ def body_features(
     params: Mapping[str, Params], images: np.ndarray, structure: PathStructure, batch_size: int,
     device: jax.Device | None = None,
 ) -> np.ndarray:
-    """Features of uint8 images under a path's frozen body, float32 [N, hidden]."""
-    params = jax.device_put(params, device)
+    """Features of uint8 images under a path's frozen body (params already on `device`)."""
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = preprocess_eval(images[start : start + batch_size], structure.image_size)
@@ -93,6 +92,7 @@ def probe_paths(
     probes = []
     for target in targets:
         started = time.perf_counter()
+        target = dataclasses.replace(target, params=jax.device_put(target.params, device))  # one upload
         train_x = body_features(target.params, train[0], target.structure, batch_size, device)
         validation_x = body_features(target.params, validation[0], target.structure, batch_size, device)
         accuracy = ridge_readout_accuracy(train_x, train[1], validation_x, validation[1], num_classes)
