@@ -17,7 +17,8 @@ import numpy as np
 from google.protobuf import timestamp_pb2
 
 from evolve import events as domain_events
-from evolve.errors import InvalidArgumentError
+from evolve.data.limits import DEFAULT_LIMITS, check_image_header
+from evolve.errors import InvalidArgumentError, ResourceExhaustedError
 from evolve.types import (
     BundledSource,
     ImageFolderSource,
@@ -37,8 +38,9 @@ if TYPE_CHECKING:  # the engine imports JAX; this module must not need it
     from service.event_log import LoggedEvent
     from service.jobs import OperationRecord
 
-# Image input limits (the engine resizes to its own image size anyway).
-MAX_IMAGE_SIDE = 4096
+# Image input limits (the engine resizes to its own image size anyway): the
+# data layer's, so that Predict and task sources accept the same images.
+MAX_IMAGE_SIDE = DEFAULT_LIMITS.max_image_side
 CHANNELS = (1, 3)
 DATATYPES = {"UINT8": np.dtype("<u1"), "FP32": np.dtype("<f4")}
 BUDGET_LIMITS = {
@@ -406,39 +408,73 @@ def images_from_tensor(tensor: evolve_pb2.Tensor, field: str = "array") -> np.nd
     return array_from_bytes(tensor.data, tensor.datatype, tensor.shape, field)
 
 
-def images_from_encoded(encoded: evolve_pb2.EncodedImages, field: str = "encoded.images") -> np.ndarray:
-    """Decodes PNG / JPEG files to one uint8 [N, H, W, 3] batch (equal sizes)."""
+# Formats PIL may identify an encoded image as: the accepted ones, and common
+# ones that are refused by name. Other parsers are never tried.
+_IDENTIFIED_FORMATS = ("PNG", "JPEG", "GIF", "TIFF", "BMP", "WEBP")
+
+
+def _undecodable(where: str, error: Exception) -> InvalidArgumentError | ResourceExhaustedError:
+    """The error for an image PIL cannot read; never PIL's "<_io.BytesIO object at ...>"."""
+    from PIL import Image, UnidentifiedImageError  # lazy: only this path needs PIL
+
+    if isinstance(error, MemoryError):
+        return ResourceExhaustedError(f"{where}: out of memory while decoding the image; retry later")
+    if isinstance(error, Image.DecompressionBombError):
+        return InvalidArgumentError(where, f"the image declares over {DEFAULT_LIMITS.max_image_pixels} pixels")
+    if isinstance(error, UnidentifiedImageError):
+        return InvalidArgumentError(where, "not a PNG or JPEG image")
+    # PIL raises many kinds on damaged data (OSError, SyntaxError, EOFError, struct.error, zlib.error, ...)
+    return InvalidArgumentError(where, f"not a decodable PNG or JPEG image: {type(error).__name__}: {error}")
+
+
+def _open_image(blob: bytes) -> Any:
     from PIL import Image  # lazy: only this path needs PIL
 
+    return Image.open(io.BytesIO(blob), formats=_IDENTIFIED_FORMATS)
+
+
+def _checked_size(blob: bytes, where: str) -> tuple[int, int]:
+    """(width, height) of an encoded image from its header, which must be an
+    8-bit PNG or JPEG within the data layer's side and pixel limits."""
+    try:
+        with _open_image(blob) as image:
+            check_image_header(image.format, image.mode, image.size, DEFAULT_LIMITS, where, "the image")
+            return int(image.size[0]), int(image.size[1])
+    except InvalidArgumentError:
+        raise
+    except Exception as error:  # noqa: BLE001 - PIL raises many kinds on damaged data
+        raise _undecodable(where, error) from None
+
+
+def _decode(blob: bytes, where: str) -> np.ndarray:
+    """An encoded image (its header checked) as uint8 H x W x 3."""
+    try:
+        with _open_image(blob) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except Exception as error:  # noqa: BLE001 - PIL raises many kinds on damaged data
+        raise _undecodable(where, error) from None
+
+
+def images_from_encoded(encoded: evolve_pb2.EncodedImages, field: str = "encoded.images") -> np.ndarray:
+    """Decodes 8-bit PNG / JPEG files to one uint8 [N, H, W, 3] batch (equal sizes).
+
+    Every header is checked before anything is decoded: GIF, TIFF, 16-bit PNG
+    and images over the data layer's side or pixel limits are refused by
+    index, and the batch's decoded size is bounded by MAX_DECODED_BYTES.
+    """
     if not encoded.images:
         raise InvalidArgumentError(field, "the batch is empty")
-    decoded = []
-    total = 0
-    for index, blob in enumerate(encoded.images):
-        where = f"{field}[{index}]"
-        try:
-            with Image.open(io.BytesIO(blob)) as image:
-                width, height = image.size
-                if max(width, height) > MAX_IMAGE_SIDE or min(width, height) < 1:
-                    raise InvalidArgumentError(where, f"image sides must be 1..{MAX_IMAGE_SIDE}, got {image.size}")
-                total += width * height * 3
-                if total > MAX_DECODED_BYTES:
-                    raise InvalidArgumentError(
-                        field, f"the decoded batch exceeds {MAX_DECODED_BYTES >> 20} MiB; send fewer or smaller images"
-                    )
-                pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        except InvalidArgumentError:
-            raise
-        except Exception as error:
-            # PIL raises many kinds on damaged data (OSError, SyntaxError, EOFError, struct.error, zlib.error, ...)
-            message = f"not a decodable PNG or JPEG image: {type(error).__name__}: {error}"
-            raise InvalidArgumentError(where, message) from None
-        if decoded and pixels.shape != decoded[0].shape:
+    sizes = [_checked_size(blob, f"{field}[{index}]") for index, blob in enumerate(encoded.images)]
+    if sum(w * h * 3 for w, h in sizes) > MAX_DECODED_BYTES:
+        raise InvalidArgumentError(
+            field, f"the decoded batch exceeds {MAX_DECODED_BYTES >> 20} MiB; send fewer or smaller images"
+        )
+    for index, size in enumerate(sizes):
+        if size != sizes[0]:
             raise InvalidArgumentError(
-                where, f"all images must have the same size; got {pixels.shape[:2]} after {decoded[0].shape[:2]}"
+                f"{field}[{index}]", f"all images must have the same size; got {size} after {sizes[0]} (width x height)"
             )
-        decoded.append(pixels)
-    return np.stack(decoded)
+    return np.stack([_decode(blob, f"{field}[{index}]") for index, blob in enumerate(encoded.images)])
 
 
 def images_from_predict_request(request: evolve_pb2.PredictRequest) -> np.ndarray:

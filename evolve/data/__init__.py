@@ -2,17 +2,21 @@
 tasks) loaded into host arrays, and numpy preprocessing (DESIGN.md §3).
 
 Importing this package loads neither TensorFlow, tensorflow_datasets nor
-gRPC; tfds is imported only when a tfds source is loaded.
+gRPC; tfds is imported only when a tfds source is loaded. What loading may
+cost is bounded by DataLimits (evolve.data.limits). Task names follow the one
+rule of evolve.types.validate_task_name.
 """
 
 from evolve.data.bundled import BUNDLED_TASKS, bundled_task_specs
 from evolve.data.dataset import ImageSet, TaskData
-from evolve.data.loader import load_task_data, validate_task_name
+from evolve.data.limits import DataLimits
+from evolve.data.loader import load_task_data
 from evolve.data.npz import write_npz_task
 from evolve.data.preprocess import batch_iterator, preprocess_eval, preprocess_train
 
 __all__ = [
     "BUNDLED_TASKS",
+    "DataLimits",
     "ImageSet",
     "TaskData",
     "batch_iterator",
@@ -20,6 +24,5 @@ __all__ = [
     "load_task_data",
     "preprocess_eval",
     "preprocess_train",
-    "validate_task_name",
     "write_npz_task",
 ]

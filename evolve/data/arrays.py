@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -143,18 +143,32 @@ def num_classes_of(splits: Sequence[ImageSet], field: str) -> int:
     return num_classes
 
 
-def stack_images(images: Sequence[np.ndarray]) -> np.ndarray:
-    """Stacks H x W x 3 uint8 images, resizing each to the first one's size."""
-    if not images:
+def stack_images(images: Iterable[np.ndarray], count: int | None = None) -> np.ndarray:
+    """Stacks H x W x 3 uint8 images, resizing each to the first one's size.
+
+    With `count`, `images` may be a generator: each image is written into the
+    stack as it comes, so only one decoded image is held besides the stack.
+    """
+    if count is None:
+        images = list(images)
+        count = len(images)
+    if count < 1:
         raise ValueError("no images to stack")
-    height, width = images[0].shape[:2]
-    out = np.empty((len(images), height, width, 3), dtype=np.uint8)
-    resized = 0
-    for i, image in enumerate(images):
+    out: np.ndarray | None = None
+    resized = seen = 0
+    for image in images:
+        if seen >= count:
+            raise ValueError(f"more than the {count} images announced")
+        if out is None:
+            out = np.empty((count,) + image.shape[:2] + (3,), dtype=np.uint8)
+        height, width = out.shape[1:3]
         if image.shape[:2] != (height, width):
             image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
             resized += 1
-        out[i] = image
+        out[seen] = image
+        seen += 1
+    if out is None or seen != count:
+        raise ValueError(f"{seen} images to stack, {count} announced")
     if resized:
-        logger.info("resized %d of %d images to %dx%d", resized, len(images), height, width)
+        logger.info("resized %d of %d images to %dx%d", resized, count, out.shape[2], out.shape[1])
     return out

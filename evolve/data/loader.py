@@ -4,32 +4,26 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from evolve.data.arrays import ValidationSplit
 from evolve.data.bundled import load_bundled
 from evolve.data.dataset import TaskData
 from evolve.data.folder import load_image_folder
+from evolve.data.limits import DEFAULT_LIMITS, DataLimits
 from evolve.data.npz import load_npz
-from evolve.errors import InvalidArgumentError
-from evolve.types import BundledSource, ImageFolderSource, NpzSource, TaskSpec, TfdsSource
+from evolve.errors import EvolveError, InvalidArgumentError, ResourceExhaustedError
+from evolve.types import (
+    BundledSource,
+    ImageFolderSource,
+    NpzSource,
+    TaskSource,
+    TaskSpec,
+    TfdsSource,
+    validate_task_name,
+)
 
 logger = logging.getLogger(__name__)
-
-# Task names double as model names of the inference API: keep them URL-safe.
-TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-
-
-def validate_task_name(name: object) -> str:
-    """Returns the name, or raises InvalidArgumentError('name', ...)."""
-    if not isinstance(name, str) or not TASK_NAME_RE.fullmatch(name):  # fullmatch: "$" admits a final newline
-        raise InvalidArgumentError(
-            "name",
-            f"task name {name!r} must be 1-128 characters of letters, digits, '_', '.', '-', "
-            "starting with a letter or digit",
-        )
-    return name
 
 
 def _check_max_train(max_train_examples: object) -> int | None:
@@ -47,12 +41,44 @@ def _roots(data_roots: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(os.fspath(root) for root in data_roots if os.fspath(root))
 
 
+def describe_source(source: object) -> str:
+    """A source in a message, as the client gave it ("npz archive 'a.npz'")."""
+    if isinstance(source, NpzSource):
+        return f"npz archive {source.path!r}"
+    if isinstance(source, ImageFolderSource):
+        return f"image folder {source.path!r}"
+    if isinstance(source, TfdsSource):
+        return f"tfds dataset {source.name!r}"
+    if isinstance(source, BundledSource):
+        return f"bundled task {source.name!r}"
+    return type(source).__name__
+
+
+def _load_source(
+    source: TaskSource, roots: tuple[str, ...], max_train: int | None,
+    validation_split: ValidationSplit, limits: DataLimits,
+) -> TaskData:
+    """Dispatches to the loader of the source's kind."""
+    if isinstance(source, NpzSource):
+        return load_npz(source, roots, max_train, validation_split, limits)
+    if isinstance(source, ImageFolderSource):
+        return load_image_folder(source, roots, max_train, limits)
+    if isinstance(source, TfdsSource):
+        from evolve.data.tfds_source import load_tfds  # pylint: disable=import-outside-toplevel
+
+        return load_tfds(source, roots, max_train, limits)
+    if isinstance(source, BundledSource):
+        return load_bundled(source, max_train)
+    raise InvalidArgumentError("source", f"unsupported task source {type(source).__name__}")
+
+
 def load_task_data(
     spec: TaskSpec,
     *,
     data_roots: Sequence[str] = (),
     max_train_examples: int | None = None,
     validation_split: ValidationSplit = ValidationSplit(),
+    limits: DataLimits = DEFAULT_LIMITS,
 ) -> TaskData:
     """Loads the data of a task from its source.
 
@@ -60,26 +86,44 @@ def load_task_data(
     the roots (relative paths against the first root). `max_train_examples`
     caps the train split (validation and test are never capped);
     `validation_split` sizes the validation taken off train when a local
-    source has none. Every bad
-    input raises InvalidArgumentError naming the field.
+    source has none; `limits` bounds what loading may decode (DataLimits).
+    Every bad input raises InvalidArgumentError naming the field (relative to
+    the spec: "name", "source.path"); running out of memory while loading
+    raises ResourceExhaustedError naming the source.
     """
     if not isinstance(spec, TaskSpec):
         raise InvalidArgumentError("spec", f"expected a TaskSpec, got {type(spec).__name__}")
-    validate_task_name(spec.name)
+    if not isinstance(limits, DataLimits):
+        raise TypeError(f"limits must be a DataLimits, got {type(limits).__name__}")
+    validate_task_name(spec.name, "name")
     max_train = _check_max_train(max_train_examples)
     roots = _roots(data_roots)
-    source = spec.source
-    if isinstance(source, NpzSource):
-        data = load_npz(source, roots, max_train, validation_split)
-    elif isinstance(source, ImageFolderSource):
-        data = load_image_folder(source, roots, max_train)
-    elif isinstance(source, TfdsSource):
-        from evolve.data.tfds_source import load_tfds  # pylint: disable=import-outside-toplevel
-
-        data = load_tfds(source, roots, max_train)
-    elif isinstance(source, BundledSource):
-        data = load_bundled(source, max_train)
+    failure: EvolveError
+    try:
+        data = _load_source(spec.source, roots, max_train, validation_split, limits)
+    except EvolveError as error:
+        failure = error
+    except MemoryError:
+        logger.warning("out of memory while loading task %s from %s", spec.name, describe_source(spec.source))
+        failure = ResourceExhaustedError(
+            f"out of memory while loading the {describe_source(spec.source)} of task {spec.name!r}: "
+            "the server cannot hold this data now; use a smaller source or retry later"
+        )
     else:
-        raise InvalidArgumentError("source", f"unsupported task source {type(source).__name__}")
-    logger.info("task %s loaded: %d classes, train images %s", spec.name, data.num_classes, data.train.images.shape)
-    return data
+        logger.info(
+            "task %s loaded: %d classes, train images %s", spec.name, data.num_classes, data.train.images.shape
+        )
+        return data
+    raise _without_frames(failure)
+
+
+def _without_frames(error: EvolveError) -> EvolveError:
+    """The error without the loaders' frames and the exception it replaced.
+
+    Their locals hold what was decoded before the failure; an error kept by
+    a caller (an operation's record) must not keep that data alive. A domain
+    error's message says everything; its traceback is not needed.
+    """
+    error.__context__ = None
+    error.__cause__ = None
+    return error.with_traceback(None)

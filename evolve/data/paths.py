@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from evolve.errors import InvalidArgumentError
+
+logger = logging.getLogger(__name__)
 
 _ESCAPE_MESSAGE = (
     "path must resolve inside the server's data roots "
@@ -51,3 +54,21 @@ def check_inside_roots(real_path: str, field: str, data_roots: Sequence[str]) ->
     """Raises when a file found inside a source folder resolves outside the roots."""
     if data_roots and not is_inside(os.path.realpath(real_path), _real_roots(data_roots)):
         raise InvalidArgumentError(field, f"{real_path!r}: {_ESCAPE_MESSAGE}")
+
+
+def unreadable_path(
+    field: str, path: str, what: str, reason: str, data_roots: Sequence[str], kind: str = "file"
+) -> InvalidArgumentError:
+    """The error for a path that cannot be read as `what` ("a .npz archive").
+
+    With data roots the client may only name paths inside them, so the message
+    gives the `reason`. Without roots any server path can be named: then a
+    missing, unreadable and wrong-type path get one message ("no such `kind`,
+    or not readable as `what`"), so that errors do not tell which server paths
+    exist; the reason goes to the server log. `path` is shown as the client
+    gave it, never resolved.
+    """
+    if data_roots:
+        return InvalidArgumentError(field, f"cannot read {path!r} as {what}: {reason}")
+    logger.info("cannot read %r as %s: %s", path, what, reason)
+    return InvalidArgumentError(field, f"no such {kind}, or not readable as {what}: {path!r}")

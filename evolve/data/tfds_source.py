@@ -5,20 +5,35 @@ rest of the data layer runs on machines without TensorFlow. Splits are read
 with the random-access data source (array_record; needs no TensorFlow) when
 the prepared files support it, else through `tfds.as_numpy(as_dataset(...))`.
 A missing validation split is a slice of train (the last 2%, mu2Net style).
+
+A dataset that is not prepared is downloaded and prepared only when
+DataLimits.allow_download says so; otherwise the source fails at once
+(FAILED_PRECONDITION). Decoded examples are held to DataLimits' image side
+and pixel bounds and the source's decoded size to max_decompressed_bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from evolve.data import arrays
 from evolve.data.dataset import ImageSet, TaskData
-from evolve.data.paths import resolve_path
+from evolve.data.limits import (
+    DEFAULT_LIMITS,
+    RGB_BYTES_PER_PIXEL,
+    DataLimits,
+    check_decoded_size,
+    check_image_size,
+)
+from evolve.data.paths import resolve_path, unreadable_path
 from evolve.errors import FailedPreconditionError, InvalidArgumentError
 from evolve.types import TfdsSource
 
@@ -67,25 +82,43 @@ def _data_dir(source: TfdsSource, data_roots: Sequence[str]) -> str | None:
     if source.data_dir is None or source.data_dir == "":
         return os.path.realpath(data_roots[0]) if data_roots else None
     real = resolve_path(source.data_dir, "source.data_dir", data_roots)
-    if not os.path.isdir(real):
-        raise InvalidArgumentError("source.data_dir", f"not a directory: {source.data_dir!r}")
+    if not os.path.isdir(real) or not os.access(real, os.R_OK | os.X_OK):
+        reason = "not a directory" if not os.path.isdir(real) else "not readable"
+        raise unreadable_path("source.data_dir", source.data_dir, "a tfds data_dir", reason, data_roots, "folder")
     return real
 
 
-def _builder(tfds: Any, source: TfdsSource, data_dir: str | None) -> Any:
-    """The dataset builder, prepared (downloaded) when it is not yet."""
+def _not_prepared(source: TfdsSource, builder_dir: str) -> FailedPreconditionError:
+    """The error for a dataset that is not prepared while downloads are off."""
+    where = f"data_dir {source.data_dir!r}" if source.data_dir else "the server's tfds data_dir"
+    logger.info("tfds dataset %s is not prepared in %s and downloads are off", source.name, builder_dir)
+    return FailedPreconditionError(
+        "DATASET_NOT_PREPARED",
+        f"tfds dataset {source.name!r} is not prepared under {where}; prepare it with "
+        "`tfds build` or start the server with --allow-download",
+    )
+
+
+def _builder(tfds: Any, source: TfdsSource, data_dir: str | None, limits: DataLimits) -> Any:
+    """The dataset builder, prepared (downloaded) when it is not yet and downloads are allowed."""
     from tensorflow_datasets.core.registered import DatasetNotFoundError  # pylint: disable=import-outside-toplevel
 
     try:
         builder = tfds.builder(source.name, data_dir=data_dir)
     except DatasetNotFoundError:
         raise InvalidArgumentError("source.name", f"unknown tfds dataset {source.name!r}") from None
+    except MemoryError:
+        raise
     except Exception as error:  # tfds raises many types for bad configs / versions
         raise InvalidArgumentError("source.name", f"cannot open tfds dataset {source.name!r}: {error}") from None
     if not builder.is_prepared():
+        if not limits.allow_download:
+            raise _not_prepared(source, str(builder.data_dir))
         logger.info("preparing tfds dataset %s in %s", source.name, builder.data_dir)
         try:
             builder.download_and_prepare()
+        except MemoryError:
+            raise
         except Exception as error:
             field = "source.data_dir" if source.data_dir else "source.name"
             raise InvalidArgumentError(
@@ -156,16 +189,15 @@ def _random_access(builder: Any) -> bool:
     return not formats or bool(formats & set(file_adapters.FileFormat.with_random_access()))
 
 
-def _examples_random_access(builder: Any, split: str, limit: int | None) -> Iterable[dict]:
-    """Examples of a split through the array_record data source."""
+def _examples_random_access(builder: Any, split: str, limit: int | None) -> tuple[int, Iterator[dict]]:
+    """(count, examples) of a split through the array_record data source."""
     data_source = builder.as_data_source(split=split)
     count = len(data_source) if limit is None else min(limit, len(data_source))
-    for index in range(count):
-        yield data_source[index]
+    return count, (data_source[index] for index in range(count))
 
 
-def _examples_tf_data(tfds: Any, builder: Any, split: str, limit: int | None) -> Iterable[dict]:
-    """Examples of a split through tf.data (needs TensorFlow)."""
+def _examples_tf_data(tfds: Any, builder: Any, split: str, limit: int | None) -> tuple[None, Iterable[dict]]:
+    """(None: count unknown, examples) of a split through tf.data (needs TensorFlow)."""
     try:
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
     except ImportError as error:
@@ -180,22 +212,73 @@ def _examples_tf_data(tfds: Any, builder: Any, split: str, limit: int | None) ->
     dataset = builder.as_dataset(split=split, shuffle_files=False)
     if limit is not None:
         dataset = dataset.take(limit)
-    return tfds.as_numpy(dataset)
+    return None, tfds.as_numpy(dataset)
 
 
-def _read_split(tfds: Any, builder: Any, source: TfdsSource, split: str, field: str, limit: int | None) -> ImageSet:
+@dataclasses.dataclass
+class _DecodedBudget:
+    """Decoded bytes of one source so far, over all its splits, against the limit.
+
+    Each example counts as the larger of its own decoded size and its size in
+    the stack (resized to the split's first image): together they bound the
+    memory the source holds while it is read.
+    """
+
+    limits: DataLimits
+    name: str
+    used: int = 0
+
+    def check_ahead(self, count: int, first: np.ndarray, split: str, field: str) -> None:
+        """Refuses a split whose stack alone would go over, before reading past its first example."""
+        what = f"tfds dataset {self.name!r} ({count} examples of split {split!r} at the first one's size)"
+        check_decoded_size(self.used + count * _rgb_bytes(first), self.limits, field, what, at_least=True)
+
+    def charge(self, image: np.ndarray, first: np.ndarray, split: str, field: str) -> None:
+        self.used += max(_rgb_bytes(image), _rgb_bytes(first))
+        what = f"tfds dataset {self.name!r} (read up to split {split!r})"
+        check_decoded_size(self.used, self.limits, field, what, at_least=True)
+
+
+def _rgb_bytes(image: np.ndarray) -> int:
+    """Bytes of an H x W [x C] image as uint8 RGB."""
+    return math.prod(image.shape[:2]) * RGB_BYTES_PER_PIXEL
+
+
+def _check_example(image: np.ndarray, index: int, split: str, limits: DataLimits) -> None:
+    """One decoded example's image within the side and pixel bounds."""
+    if image.ndim in (2, 3):
+        height, width = image.shape[:2]
+        check_image_size(width, height, limits, "source.image_key", f"example {index} of split {split!r}")
+
+
+def _check_feature_shape(builder: Any, source: TfdsSource, limits: DataLimits) -> None:
+    """The image feature's static shape (when the dataset declares one) within the bounds."""
+    shape = getattr(builder.info.features[source.image_key], "shape", None)
+    if isinstance(shape, tuple) and len(shape) in (2, 3) and all(isinstance(d, int) for d in shape[:2]):
+        height, width = shape[:2]
+        check_image_size(width, height, limits, "source.image_key", f"the images of {source.name!r}")
+
+
+def _read_split(
+    tfds: Any, builder: Any, source: TfdsSource, split: str, field: str, limit: int | None, budget: _DecodedBudget
+) -> ImageSet:
     """Reads one split into an ImageSet; any failure names `field`."""
     images: list[np.ndarray] = []
     labels: list[int] = []
     try:
         if _random_access(builder):
-            examples = _examples_random_access(builder, split, limit)
+            count, examples = _examples_random_access(builder, split, limit)
         else:
-            examples = _examples_tf_data(tfds, builder, split, limit)
-        for example in examples:
-            images.append(np.asarray(example[source.image_key]))
+            count, examples = _examples_tf_data(tfds, builder, split, limit)
+        for index, example in enumerate(examples):
+            image = np.asarray(example[source.image_key])
+            _check_example(image, index, split, budget.limits)
+            if index == 0 and count is not None:
+                budget.check_ahead(count, image, split, field)
+            budget.charge(image, images[0] if images else image, split, field)
+            images.append(arrays.to_uint8_rgb(image[None], "source.image_key")[0])
             labels.append(int(example[source.label_key]))
-    except (InvalidArgumentError, FailedPreconditionError):
+    except (InvalidArgumentError, FailedPreconditionError, MemoryError):
         raise
     except Exception as error:
         logger.debug("reading %s[%s] failed", source.name, split, exc_info=True)
@@ -204,33 +287,40 @@ def _read_split(tfds: Any, builder: Any, source: TfdsSource, split: str, field: 
 
 
 def _to_image_set(images: list[np.ndarray], labels: list[int], field: str, split: str) -> ImageSet:
-    """Converts decoded examples (images possibly of different sizes) to an ImageSet."""
+    """Stacks decoded uint8 RGB examples (possibly of different sizes) into an ImageSet."""
     if not images:
         raise InvalidArgumentError(field, f"split {split!r} is empty")
-    converted = [arrays.to_uint8_rgb(image[None], "source.image_key")[0] for image in images]
-    stacked = arrays.stack_images(converted)
-    return ImageSet(stacked, arrays.to_labels(np.asarray(labels), "source.label_key"))
+    return ImageSet(arrays.stack_images(images), arrays.to_labels(np.asarray(labels), "source.label_key"))
 
 
-def load_tfds(source: TfdsSource, data_roots: Sequence[str], max_train_examples: int | None) -> TaskData:
+def load_tfds(
+    source: TfdsSource, data_roots: Sequence[str], max_train_examples: int | None,
+    limits: DataLimits = DEFAULT_LIMITS,
+) -> TaskData:
     """Loads a TfdsSource into TaskData (see the module docstring)."""
     _check_source(source)
     data_dir = _data_dir(source, data_roots)
     tfds = _import_tfds()
-    builder = _builder(tfds, source, data_dir)
+    builder = _builder(tfds, source, data_dir, limits)
     num_classes, class_names = _label_feature(builder, source)
+    _check_feature_shape(builder, source, limits)
     plan = _split_plan(builder, source, max_train_examples)
+    budget = _DecodedBudget(limits, source.name)
+
+    def read(split: str, field: str, limit: int | None) -> ImageSet:
+        return _read_split(tfds, builder, source, split, field, limit, budget)
+
     if plan["validation"] is None:  # cut validation from all of train, then cap train
-        train = _read_split(tfds, builder, source, plan["train"], "source.train_split", None)
+        train = read(plan["train"], "source.train_split", None)
         train, validation = arrays.split_off_validation(train, "source.train_split", TFDS_VALIDATION)
         train = arrays.subsample(train, max_train_examples)
     else:
-        train = _read_split(tfds, builder, source, plan["train"], "source.train_split", max_train_examples)
+        train = read(plan["train"], "source.train_split", max_train_examples)
         field = "source.validation_split" if source.validation_split else "source.train_split"
-        validation = _read_split(tfds, builder, source, plan["validation"], field, None)
+        validation = read(plan["validation"], field, None)
     test = validation
     if plan["test"] is not None:
-        test = _read_split(tfds, builder, source, plan["test"], "source.test_split", None)
+        test = read(plan["test"], "source.test_split", None)
     for split in (train, validation, test):
         if len(split) and int(split.labels.max()) >= num_classes:
             raise InvalidArgumentError("source.label_key", f"a label is >= num_classes {num_classes}")

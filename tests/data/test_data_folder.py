@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from evolve.data import load_task_data
+from evolve.data import DataLimits, load_task_data
 from evolve.errors import InvalidArgumentError
 from evolve.types import ImageFolderSource, TaskSpec
 
@@ -86,16 +87,42 @@ def _expect(path, field: str = "source.path", match: str | None = None, **kwargs
     assert info.value.field == field
 
 
-def test_not_a_directory(tmp_path):
-    _expect(tmp_path / "missing", match="not a directory")
+def _error(path, **kwargs) -> InvalidArgumentError:
+    with pytest.raises(InvalidArgumentError) as info:
+        _load(path, **kwargs)
+    assert info.value.field == "source.path"
+    return info.value
+
+
+def test_without_data_roots_missing_unreadable_and_wrong_type_paths_read_alike(tmp_path):
+    """Without --data-root any server path can be named: errors must not tell which exist."""
     (tmp_path / "file.png").write_bytes(b"x")
-    _expect(tmp_path / "file.png", match="not a directory")
+    os.makedirs(tmp_path / "empty")
+    os.makedirs(tmp_path / "locked" / "sub")
+    os.chmod(tmp_path / "locked", 0)
+    try:
+        cases = {"missing": tmp_path / "missing", "file": tmp_path / "file.png", "empty": tmp_path / "empty"}
+        if not os.access(tmp_path / "locked", os.R_OK):  # root reads anything
+            cases["locked"] = tmp_path / "locked"
+        messages = {kind: _error(path).description.replace(str(path), "PATH") for kind, path in cases.items()}
+    finally:
+        os.chmod(tmp_path / "locked", 0o755)
+    assert len(set(messages.values())) == 1, messages
+    assert messages["missing"] == "no such folder, or not readable as an image folder: 'PATH'"
+
+
+def test_with_data_roots_the_reason_is_given(tmp_path):
+    (tmp_path / "file.png").write_bytes(b"x")
+    _expect("missing", match="not a directory", data_roots=[str(tmp_path)])
+    _expect("file.png", match="not a directory", data_roots=[str(tmp_path)])
+    message = _error("missing", data_roots=[str(tmp_path)]).description
+    assert str(tmp_path) not in message  # the path as the client gave it, not resolved
 
 
 def test_single_class(tmp_path):
     os.makedirs(tmp_path / "f" / "only")
     Image.new("RGB", (4, 4)).save(tmp_path / "f" / "only" / "a.png")
-    _expect(tmp_path / "f", match="at least 2 class")
+    _expect("f", match="at least 2 class", data_roots=[str(tmp_path)])
 
 
 def test_empty_class_folder(tmp_path):
@@ -108,7 +135,96 @@ def test_corrupt_image(tmp_path):
     root = _write_folder(tmp_path / "f", per_class=3)
     with open(os.path.join(root, "cat", "broken.png"), "wb") as f:
         f.write(b"\x89PNG not really")
-    _expect(root, match="cannot decode")
+    message = _error(root).description
+    assert "cannot decode image 'cat/broken.png'" in message and str(tmp_path) not in message
+    assert "BytesIO" not in message
+
+
+def test_truncated_image_is_named_by_its_path(tmp_path):
+    root = _write_folder(tmp_path / "f", per_class=3)
+    path = tmp_path / "f" / "dog" / "cut.png"
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    message = _error(root).description
+    assert "'dog/cut.png'" in message and "BytesIO" not in message and str(tmp_path) not in message
+
+
+# ---- bounds (DataLimits), checked on the headers before anything is decoded ------------
+
+
+@pytest.fixture
+def forbid_decoding(monkeypatch):
+    """Call it once the files are written: from then on decoding an image fails the test."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    return lambda: monkeypatch.setattr(Image.Image, "load", refuse)
+
+
+def test_huge_png_is_refused_by_its_header(tmp_path, forbid_decoding):
+    """A 9000x9000 PNG is 78 KB on disk and 243 MB decoded: refused by its header."""
+    root = tmp_path / "f"
+    for name in ("a", "b"):
+        os.makedirs(root / name)
+        Image.new("L", (8, 8)).save(root / name / "small.png")
+    Image.new("L", (9000, 9000)).save(root / "a" / "big.png")
+    assert os.path.getsize(root / "a" / "big.png") < 200_000
+    forbid_decoding()
+    started = time.monotonic()
+    message = _error(root).description
+    assert time.monotonic() - started < 2.0
+    assert "'a/big.png'" in message and "9000x9000" in message and "4096" in message, message
+    assert str(tmp_path) not in message
+
+
+def test_pixel_count_and_side_limits(tmp_path, forbid_decoding):
+    root = _write_folder(tmp_path / "f", per_class=2, sizes=((40, 30),))
+    forbid_decoding()
+    message = _error(root, limits=DataLimits(max_image_pixels=1000)).description
+    assert "'bird/000.png' is 40x30" in message and "1000 pixels" in message
+    assert "sides must be at most 32" in _error(root, limits=DataLimits(max_image_side=32)).description
+
+
+def test_total_decoded_size_of_a_folder_is_bounded(tmp_path, forbid_decoding):
+    root = _write_folder(tmp_path / "f", per_class=10, sizes=((8, 6),))  # 30 images of 144 bytes as RGB
+    forbid_decoding()
+    message = _error(root, limits=DataLimits(max_decompressed_bytes=4000)).description
+    assert "the folder (30 images) decompresses to 4320 bytes, over the limit of 4000 bytes" in message
+
+
+def test_the_stack_at_the_first_image_size_is_bounded(tmp_path, forbid_decoding):
+    """Small files resized to a large first image would stack to far more than they decode to."""
+    root = tmp_path / "f"
+    for name in ("a", "b"):
+        os.makedirs(root / name)
+        for i in range(20):
+            Image.new("RGB", (2, 2)).save(root / name / f"{i:02d}.png")
+    Image.new("RGB", (100, 100)).save(root / "a" / "00.png")  # the first file
+    forbid_decoding()
+    message = _error(root, limits=DataLimits(max_decompressed_bytes=100_000)).description
+    assert "resized to the first one's 100x100" in message and "1.1 MiB" in message, message
+
+
+@pytest.mark.parametrize(
+    "image, fmt, match",
+    [
+        (Image.new("P", (8, 6)), "GIF", "is a GIF image"),
+        (Image.new("RGB", (8, 6)), "TIFF", "is a TIFF image"),
+        (Image.new("I;16", (8, 6)), "PNG", "mode 'I;16'"),
+    ],
+)
+def test_only_8_bit_png_and_jpeg(tmp_path, forbid_decoding, image, fmt, match):
+    root = _write_folder(tmp_path / "f", per_class=2)
+    image.save(os.path.join(root, "cat", "odd.png"), format=fmt)
+    forbid_decoding()
+    message = _error(root).description
+    assert "'cat/odd.png'" in message and match in message, message
+
+
+def test_loads_within_the_limits(tmp_path):
+    root = _write_folder(tmp_path / "f", per_class=10, sizes=((8, 6),))
+    assert _load(root, limits=DataLimits(max_decompressed_bytes=4320)).num_classes == 3
 
 
 @pytest.mark.parametrize(

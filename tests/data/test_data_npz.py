@@ -113,18 +113,34 @@ def test_max_train_examples_caps_train_only(tmp_path):
 # ---- bad inputs ----------------------------------------------------------------
 
 
-def test_missing_file(tmp_path):
-    _expect_error(tmp_path / "nope.npz", match="no such file")
+def test_without_data_roots_missing_unreadable_and_wrong_type_paths_read_alike(tmp_path):
+    """Without --data-root any server path can be named: errors must not tell which exist."""
+    (tmp_path / "text.npz").write_bytes(b"this is not a zip archive at all")
+    os.makedirs(tmp_path / "dir.npz")
+    os.mkfifo(tmp_path / "fifo.npz")  # opening it would block: it is never opened
+    cases = ["nope.npz", "dir.npz", "text.npz", "fifo.npz"]
+    messages = {}
+    for name in cases:
+        path = tmp_path / name
+        messages[name] = _expect_error(path).description.replace(str(path), "PATH")
+    assert len(set(messages.values())) == 1, messages
+    assert messages["nope.npz"] == "no such file, or not readable as a .npz archive: 'PATH'"
 
 
-def test_directory_instead_of_file(tmp_path):
-    _expect_error(tmp_path, match="no such file")
+def test_with_data_roots_the_reason_is_given(tmp_path):
+    (tmp_path / "text.npz").write_bytes(b"this is not a zip archive at all")
+    os.makedirs(tmp_path / "dir.npz")
+    roots = [str(tmp_path)]
+    _expect_error("nope.npz", match="No such file", data_roots=roots)
+    _expect_error("dir.npz", match="not a regular file", data_roots=roots)
+    message = _expect_error("text.npz", match="not a zip archive", data_roots=roots).description
+    assert str(tmp_path) not in message  # the path as the client gave it, not resolved
 
 
 def test_unreadable_npz(tmp_path):
     path = tmp_path / "bad.npz"
     path.write_bytes(b"this is not a zip archive at all")
-    _expect_error(path, match="cannot read")
+    _expect_error(path, match="not readable as a .npz archive")
 
 
 def test_truncated_npz(tmp_path):
@@ -135,14 +151,13 @@ def test_truncated_npz(tmp_path):
 
 
 def test_npy_instead_of_npz(tmp_path):
-    path = tmp_path / "a.npy"
-    np.save(path, _images(3))
-    _expect_error(path, match="not an .npz")
+    np.save(tmp_path / "a.npy", _images(3))
+    _expect_error("a.npy", match=r"a single \.npy array", data_roots=[str(tmp_path)])
 
 
 def test_pickled_arrays_are_refused(tmp_path):
     path = _write_raw(tmp_path / "p.npz", train_images=np.array([{"a": 1}], dtype=object), train_labels=[0])
-    _expect_error(path, match="cannot read")
+    _expect_error(path, match="pickles are not read")
 
 
 @pytest.mark.parametrize("missing", ["train_images", "train_labels"])
@@ -231,8 +246,11 @@ def test_bad_max_train_examples(tmp_path, value):
     _expect_error(path, field="max_train_examples", max_train_examples=value)
 
 
-@pytest.mark.parametrize("name", ["", "__root__", "has space", "a/b", "x" * 129, None, "-lead"])
+@pytest.mark.parametrize(
+    "name", ["", "__root__", "has space", "a/b", "x" * 64, None, "-lead", "Upper", "X" * 63, "ok\n"]
+)
 def test_bad_task_name(tmp_path, name):
+    """The data layer applies the one task-name rule, evolve.types.validate_task_name."""
     path = write_npz_task(tmp_path / "t.npz", _images(10), np.arange(10) % 2)
     with pytest.raises(InvalidArgumentError) as info:
         load_task_data(TaskSpec(name, NpzSource(str(path))))
@@ -241,8 +259,27 @@ def test_bad_task_name(tmp_path, name):
 
 def test_good_task_names(tmp_path):
     path = write_npz_task(tmp_path / "t.npz", _images(10), np.arange(10) % 2)
-    for name in ("a", "cifar100", "my-task_v2.1", "X" * 128):
+    for name in ("a", "cifar100", "my-task_v2.1", "x" * 63, "0lead"):
         assert load_task_data(TaskSpec(name, NpzSource(str(path)))).num_classes == 2
+
+
+def test_one_task_name_rule(tmp_path):
+    """load_task_data accepts exactly the names evolve.types.validate_task_name accepts, with its message."""
+    from evolve.types import validate_task_name
+
+    path = write_npz_task(tmp_path / "t.npz", _images(10), np.arange(10) % 2)
+    for name in ("a", "A", "x" * 63, "x" * 64, "a.b-c_d", "_a", "é", "a b"):
+        try:
+            validate_task_name(name)
+            expected = None
+        except InvalidArgumentError as error:
+            expected = error.description
+        try:
+            load_task_data(TaskSpec(name, NpzSource(str(path))))
+            got = None
+        except InvalidArgumentError as error:
+            got = error.description
+        assert got == expected, name
 
 
 @pytest.mark.parametrize("path", ["", "   ", "a\x00b"])

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from evolve.data import load_task_data
-from evolve.errors import InvalidArgumentError
+from evolve.data import DataLimits, load_task_data
+from evolve.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
 from evolve.types import TaskSpec, TfdsSource
 
 tfds.disable_progress_bar()
@@ -60,9 +65,15 @@ def prepared(request, tmp_path_factory):
     return str(data_dir)
 
 
-def _load(data_dir, roots=(), max_train=None, **source_fields):
+# tfds' mock_data replaces download_and_prepare: the mocked datasets count as downloadable.
+MOCK_LIMITS = DataLimits(allow_download=True)
+
+
+def _load(data_dir, roots=(), max_train=None, limits: DataLimits | None = None, **source_fields):
     source = TfdsSource(name=NAME, data_dir=data_dir, **source_fields)
-    return load_task_data(TaskSpec("tiny", source), data_roots=roots, max_train_examples=max_train)
+    return load_task_data(
+        TaskSpec("tiny", source), data_roots=roots, max_train_examples=max_train, limits=limits or DataLimits()
+    )
 
 
 def _ids(split) -> set[int]:
@@ -79,7 +90,7 @@ def _check_pairing(split) -> None:
 
 def test_mocked_mnist_through_load_task_data():
     with tfds.testing.mock_data(num_examples=50):
-        data = load_task_data(TaskSpec("mnist", TfdsSource(name="mnist")))
+        data = load_task_data(TaskSpec("mnist", TfdsSource(name="mnist")), limits=MOCK_LIMITS)
     assert data.num_classes == 10 and data.class_names == tuple(str(d) for d in range(10))
     for split in (data.train, data.validation, data.test):
         assert split.images.shape[1:] == (28, 28, 3) and split.images.dtype == np.uint8
@@ -91,7 +102,7 @@ def test_mocked_mnist_max_train_and_explicit_splits():
     with tfds.testing.mock_data(num_examples=40):
         data = load_task_data(
             TaskSpec("mnist", TfdsSource(name="mnist", validation_split="test", test_split=None)),
-            max_train_examples=7,
+            max_train_examples=7, limits=MOCK_LIMITS,
         )
     assert len(data.train) == 7 and len(data.validation) == 40 and data.test is data.validation
 
@@ -185,7 +196,74 @@ def test_bad_fields(prepared, fields, field):
 
 
 def test_missing_data_dir(tmp_path):
-    _expect("source.data_dir", str(tmp_path / "missing"), match="not a directory")
+    _expect("source.data_dir", str(tmp_path / "missing"), match="as a tfds data_dir")
+    with pytest.raises(InvalidArgumentError, match="not a directory") as info:
+        _load("missing", roots=[str(tmp_path)])
+    assert info.value.field == "source.data_dir"
+
+
+# ---- (d) preparation and bounds (DataLimits) ---------------------------------------------
+
+
+def _prepared_files(data_dir) -> list[str]:
+    return [name for _, _, names in os.walk(data_dir) for name in names]
+
+
+def test_unprepared_dataset_fails_fast_without_allow_download(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(FailedPreconditionError) as info:
+        _load(str(tmp_path))
+    assert time.monotonic() - started < 10.0
+    assert info.value.reason == "DATASET_NOT_PREPARED"
+    message = str(info.value)
+    assert f"{NAME!r} is not prepared under data_dir {str(tmp_path)!r}" in message
+    assert "`tfds build`" in message and "--allow-download" in message
+    assert _prepared_files(tmp_path) == []  # nothing was generated or downloaded
+
+
+def test_allow_download_prepares_the_dataset(tmp_path):
+    data = _load(str(tmp_path), limits=DataLimits(allow_download=True))
+    assert len(data.test) == NUM_TEST and _prepared_files(tmp_path)
+    assert len(_load(str(tmp_path)).test) == NUM_TEST  # prepared now: no download needed
+
+
+def test_image_side_limit_from_the_feature_shape(prepared):
+    with pytest.raises(InvalidArgumentError, match="6x6: sides must be at most 5") as info:
+        _load(prepared, limits=DataLimits(max_image_side=5))
+    assert info.value.field == "source.image_key"
+
+
+def test_image_limits_of_each_decoded_example(prepared, monkeypatch):
+    """Datasets of varying image sizes declare no static shape: each decoded example is checked."""
+    from evolve.data import tfds_source
+
+    monkeypatch.setattr(tfds_source, "_check_feature_shape", lambda *args: None)
+    with pytest.raises(InvalidArgumentError, match=r"example 0 of split .* is 6x6: at most 35 pixels") as info:
+        _load(prepared, limits=DataLimits(max_image_pixels=35))
+    assert info.value.field == "source.image_key"
+
+
+def test_decoded_size_is_bounded_before_reading_a_split(prepared, monkeypatch):
+    from evolve.data import tfds_source
+
+    read = []
+    original = tfds_source._check_example
+    monkeypatch.setattr(tfds_source, "_check_example", lambda *args: read.append(1) or original(*args))
+    with pytest.raises(InvalidArgumentError, match="decompresses to at least") as info:
+        _load(prepared, limits=DataLimits(max_decompressed_bytes=2000))  # 70 train images of 108 bytes
+    assert info.value.field == "source.train_split"
+    assert len(read) <= 19  # refused at the first example (random access) or once over (tf.data)
+
+
+def test_memory_error_while_reading_is_resource_exhausted(prepared, monkeypatch):
+    from evolve.data import tfds_source
+
+    def out_of_memory(*args):
+        raise MemoryError
+
+    monkeypatch.setattr(tfds_source, "_check_example", out_of_memory)
+    with pytest.raises(ResourceExhaustedError, match=f"tfds dataset {NAME!r}"):
+        _load(prepared)
 
 
 def test_reader_follows_the_file_format(prepared, monkeypatch):
