@@ -1,22 +1,32 @@
 """Bearer-token authentication as a server interceptor (DESIGN §6).
 
-Three classes of RPC:
-- open: health, reflection, ServerLive and ServerReady (probes must work
-  without credentials);
-- read: predictions and every Get / List / Watch / Wait; they need the read
-  token or the full token when a read token is configured, and are open
-  otherwise;
-- mutating: SubmitTask, Improve and CancelOperation; they need the full token
-  whenever one is configured.
+Secure by default: once a token is configured, every RPC needs one, except
+the probes. Three classes of RPC:
 
+- open: grpc.health.v1 (Check and Watch) and the Open Inference Protocol's
+  ServerLive and ServerReady. Probes (Kubernetes, load balancers, Docker's
+  HEALTHCHECK) carry no credentials, and these answers reveal nothing but
+  "up" and "ready".
+- mutating: SubmitTask, Improve, CancelOperation and DeleteTask, and, so that
+  a new RPC is never weaker by accident, any method whose name starts with
+  Cancel, Create, Delete, Submit or Update. They need the full token.
+- read: everything else, predictions, every Get / List / Watch / Wait, model
+  metadata and server reflection (it reveals only the API, but "every RPC
+  but health" is the rule; grpcurl then needs `-H 'authorization: Bearer
+  <token>'`). They need the full token or the read token; they are open only
+  when the server is started with `--open-reads`, an explicit choice.
+
+Without any token every call is open (the server warns beyond localhost).
 Clients send `authorization: Bearer <token>` metadata. Tokens are compared in
-constant time.
+constant time; an empty or blank token is refused, never taken as "no auth".
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Iterable
+from typing import Any
 
 import grpc
 
@@ -24,26 +34,45 @@ logger = logging.getLogger(__name__)
 
 EVOLUTION_SERVICE = "evolve.v1.EvolutionService"
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
+HEALTH_SERVICE = "grpc.health.v1.Health"
 
 MUTATING_METHODS = frozenset(
-    f"/{EVOLUTION_SERVICE}/{name}" for name in ("SubmitTask", "Improve", "CancelOperation")
+    f"/{EVOLUTION_SERVICE}/{name}" for name in ("SubmitTask", "Improve", "CancelOperation", "DeleteTask")
 )
+MUTATING_VERBS = ("Cancel", "Create", "Delete", "Submit", "Update")
 OPEN_METHODS = frozenset(f"/{INFERENCE_SERVICE}/{name}" for name in ("ServerLive", "ServerReady"))
-PROTECTED_SERVICES = (f"/{EVOLUTION_SERVICE}/", f"/{INFERENCE_SERVICE}/")
+OPEN_SERVICES = (f"/{HEALTH_SERVICE}/",)
 
 OPEN, READ, MUTATING = "open", "read", "mutating"
 
 
 def access_class(method: str) -> str:
     """OPEN, READ or MUTATING for a full method name ('/package.Service/Method')."""
-    if method in MUTATING_METHODS:
+    if method in OPEN_METHODS or method.startswith(OPEN_SERVICES):
+        return OPEN
+    if method in MUTATING_METHODS or method.rpartition("/")[2].startswith(MUTATING_VERBS):
         return MUTATING
-    if method in OPEN_METHODS or not method.startswith(PROTECTED_SERVICES):
-        return OPEN  # health, reflection, liveness probes
-    return READ
+    return READ  # unknown services and methods included: deny by default
 
 
-def bearer_token(metadata) -> str | None:
+def check_token(flag: str, value: str | None) -> str | None:
+    """`value` stripped, None when not given; ValueError when it cannot be a token.
+
+    An empty token must not silently turn authentication off, and a token
+    must travel in an HTTP/2 header: visible ASCII, no spaces.
+    """
+    if value is None:
+        return None
+    token = value.strip()
+    if not token:
+        raise ValueError(f"{flag} is empty, which would turn authentication off: set a real token, "
+                         "or do not set it at all to serve without one")
+    if not all("!" <= character <= "~" for character in token):
+        raise ValueError(f"{flag} must be visible ASCII characters without spaces (it is sent as a header)")
+    return token
+
+
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     """The token of an `authorization: Bearer <token>` metadata entry, if any."""
     for key, value in metadata or ():
         if key.lower() != "authorization":
@@ -62,28 +91,41 @@ def _matches(given: str | None, expected: str | None) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
+def describe(token: str | None, read_token: str | None = None, open_reads: bool = False) -> str:
+    """One line for the log: what a caller needs, per access class."""
+    if token is None:
+        return "no token: every call is open"
+    if open_reads:
+        return "mutating calls need the token; reads are open (--open-reads); health and ServerLive/Ready are open"
+    reads = "the token or the read token" if read_token else "the token"
+    return f"every call but health and ServerLive/Ready needs a token (reads: {reads}; mutating calls: the token)"
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
     """Rejects calls without the token their access class requires."""
 
-    def __init__(self, token: str | None, read_token: str | None = None):
-        if read_token and not token:
-            raise ValueError("a read token needs a (full) token as well")
-        self._token = token or None
-        self._read_token = read_token or None
+    def __init__(self, token: str | None, read_token: str | None = None, open_reads: bool = False):
+        self._token = check_token("token", token)
+        self._read_token = check_token("read token", read_token)
+        self._open_reads = open_reads
+        if self._token is None and (self._read_token is not None or open_reads):
+            raise ValueError("a read token or open reads need a (full) token as well")
+        if open_reads and self._read_token is not None:
+            raise ValueError("open reads and a read token exclude each other")
+        if self._token is not None and self._token == self._read_token:
+            raise ValueError("the read token must differ from the token")
 
-    def check(self, method: str, metadata) -> tuple[grpc.StatusCode, str] | None:
+    def check(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> tuple[grpc.StatusCode, str] | None:
         """None when the call may proceed, else the status code and message."""
         needed = access_class(method)
-        if needed == OPEN or self._token is None:
-            return None
-        if needed == READ and self._read_token is None:
+        if needed == OPEN or self._token is None or (needed == READ and self._open_reads):
             return None
         given = bearer_token(metadata)
         if _matches(given, self._token):
             return None
-        if needed == READ and _matches(given, self._read_token):
-            return None
-        if needed == MUTATING and _matches(given, self._read_token):
+        if _matches(given, self._read_token):
+            if needed == READ:
+                return None
             return grpc.StatusCode.PERMISSION_DENIED, "the read token does not allow this call"
         if given is None:
             return grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata"
@@ -106,7 +148,8 @@ def _denying_handler(handler, code: grpc.StatusCode, message: str):
 
     if handler is None:
         return None
-    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    kwargs = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
     if handler.request_streaming:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -252,8 +253,46 @@ def test_statefulset_security_token_and_shutdown():
     assert pod["terminationGracePeriodSeconds"] >= 120  # the checkpoint drain
     container = server_container(statefulset)
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    token = env_of(container)["EVOLVE_TOKEN"]
-    assert token["valueFrom"]["secretKeyRef"]["name"]
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_token_comes_from_a_secret_file_not_the_environment():
+    """Issue 9: the deploy must set a token the secure-by-default server reads, and no secret in env vars."""
+    statefulset = base_resource("StatefulSet")
+    pod = statefulset["spec"]["template"]["spec"]
+    container = server_container(statefulset)
+    env = env_of(container)
+    assert not any("secretKeyRef" in entry.get("valueFrom", {}) for entry in env.values()), "secret in an env var"
+    assert not any("secretRef" in source for source in container.get("envFrom", []))
+    assert "EVOLVE_TOKEN" not in env and "EVOLVE_OPEN_READS" not in env  # every RPC but health needs the token
+    token_path = env["EVOLVE_TOKEN_FILE"]["value"]
+    secrets = {volume["name"]: volume["secret"] for volume in pod["volumes"] if "secret" in volume}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] in secrets]
+    assert mount.get("readOnly") is True
+    directory, _, key = token_path.rpartition("/")
+    assert directory == mount["mountPath"].rstrip("/")
+    secret = secrets[mount["name"]]
+    assert secret["secretName"]
+    items = {item["path"]: item["key"] for item in secret.get("items", [])}
+    key = items.get(key, key)  # without items, every key of the Secret is a file of that name
+    assert secret["defaultMode"] & 0o007 == 0, "the token file must not be world-readable"
+    assert f"--from-literal={key}=" in (ROOT / "deploy" / "README.md").read_text()
+
+
+def test_manifest_and_image_variables_are_server_settings():
+    """Every EVOLVE_* variable the image and the manifests set is one the server reads (see `--help`)."""
+    help_text = subprocess.run(
+        [sys.executable, "-m", "service.server", "--help"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120, check=True, env=dict(os.environ, COLUMNS="200"),
+    ).stdout
+    names = {name for name in environment() if name.startswith("EVOLVE_")}
+    for doc in manifests():
+        if doc["kind"] == "StatefulSet":
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                names |= {entry["name"] for entry in container.get("env", []) if entry["name"].startswith("EVOLVE_")}
+    assert "EVOLVE_TOKEN_FILE" in names
+    for name in sorted(names):
+        assert re.search(rf"\b{name}\b", help_text), f"{name} is not a server setting"
 
 
 def test_service_exposes_grpc_to_the_server_pods():
