@@ -8,8 +8,16 @@ Layout under the state directory:
                      paths' hyperparameters, configuration, component ids
                      with content hashes, and the caller's `extra` state).
 The manifest is committed last and atomically, so a step is complete or
-absent. Restore checks every component against its content hash and falls
-back to the previous step when one is missing or corrupt.
+absent. Restore takes the newest step whose manifest reads, and checks every
+component against its content hash. A missing or corrupt component takes down
+only the tasks whose served path uses it: they are restored DAMAGED (never
+silently rolled back to an older step), everything else serves, and the
+damaged component's entry is saved on, so repairing its files and restarting
+brings the task back; `improve` rebuilds it instead. Only an unreadable
+manifest makes restore fall back to the previous step.
+
+A save that cannot write (disk full, quota, file size limit, I/O error) raises
+StorageError naming the state directory, and commits nothing.
 
 Each component directory records the content hash it was written with (orbax
 custom metadata). A process killed after writing components but before
@@ -32,8 +40,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from evolve.config import SearchConfig
-from evolve.errors import CorruptCheckpointError
-from evolve.system import System, TaskRecord, TaskStatus
+from evolve import statedir
+from evolve.errors import CorruptCheckpointError, StorageError
+from evolve.system import DamagedComponent, System, TaskRecord, TaskStatus
 from evolve.types import Component, ParentProbe, Path, ViTSize, params_hash, spec_from_dict, spec_to_dict
 
 logger = logging.getLogger(__name__)
@@ -135,14 +144,17 @@ def _manifest(system: System, extra: Mapping[str, Any]) -> dict[str, Any]:
         "next_id": system.next_id,
         "id_prefix": system.id_prefix,
         "components": {
-            c.id: {
-                "name": c.name, "origin": c.origin, "trained": c.trained, "locked_by": sorted(c.locked_by),
-                "content_hash": c.content_hash,
-            }
-            for c in system.components.values()
+            **{cid: dict(d.meta) for cid, d in system.damaged.items()},
+            **{
+                c.id: {
+                    "name": c.name, "origin": c.origin, "trained": c.trained, "locked_by": sorted(c.locked_by),
+                    "content_hash": c.content_hash,
+                }
+                for c in system.components.values()
+            },
         },
         "paths": {p.id: dataclasses.asdict(p) for p in system.paths.values()},
-        "best": dict(system.best),
+        "best": {**system.damaged_best, **system.best},
         "populations": {t: list(ids) for t, ids in system.populations.items()},
         "tasks": {
             name: {
@@ -157,15 +169,32 @@ def _manifest(system: System, extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def save(system: System, state_dir: str, *, extra: Mapping[str, Any] | None = None) -> Written:
-    """Writes new components, then commits a manifest step; returns the step."""
-    new = sum(write_component(state_dir, c) for c in system.components.values())
-    manager = _manager(state_dir)
-    step = (manager.latest_step() or 0) + 1
-    manager.save(step, args=ocp.args.Composite(manifest=ocp.args.JsonSave(_manifest(system, extra or {}))))
-    manager.wait_until_finished()
-    _collect_component_files(state_dir, manager)
-    manager.close()
+    """Writes new components, then commits a manifest step; returns the step.
+
+    Raises StorageError when the state directory cannot be written; the
+    previous step then stays the newest."""
+    try:
+        new = sum(write_component(state_dir, c) for c in system.components.values())
+        manager = _manager(state_dir)
+        step = (manager.latest_step() or 0) + 1
+        manager.save(step, args=ocp.args.Composite(manifest=ocp.args.JsonSave(_manifest(system, extra or {}))))
+        manager.wait_until_finished()
+        _collect_component_files(state_dir, manager)
+        manager.close()
+    except Exception as error:
+        if not isinstance(error, (OSError, ValueError, RuntimeError)) and not statedir.is_disk_full(error):
+            raise
+        raise storage_error(state_dir, error) from error
     return Written(step, new)
+
+
+def storage_error(state_dir: str, error: BaseException) -> StorageError:
+    """A StorageError with a short reason (orbax's own messages run to kilobytes)."""
+    full = statedir.is_disk_full(error)
+    reason = "the disk is full (no space, quota or file size limit)" if full else f"{type(error).__name__}"
+    detail = str(error).split(" [", 1)[0][:200]
+    return StorageError(os.path.abspath(state_dir), f"cannot write the checkpoint: {reason}: {detail}",
+                        disk_full=full)
 
 
 def _collect_component_files(state_dir: str, manager: ocp.CheckpointManager) -> None:
@@ -194,7 +223,13 @@ def _system_from_manifest(state_dir: str, manifest: Mapping[str, Any]) -> System
     config_dict["size"] = ViTSize(**config_dict["size"])
     config_dict["image_sizes"] = tuple(config_dict["image_sizes"])
     config = SearchConfig(**config_dict)
-    components = {cid: read_component(state_dir, meta, cid) for cid, meta in manifest["components"].items()}
+    components, damaged = {}, {}
+    for cid, meta in manifest["components"].items():
+        try:
+            components[cid] = read_component(state_dir, meta, cid)
+        except CorruptCheckpointError as error:
+            logger.error("%s", error)
+            damaged[cid] = DamagedComponent(dict(meta), str(error))
     paths = {}
     for pid, data in manifest["paths"].items():
         data = dict(data)
@@ -208,12 +243,37 @@ def _system_from_manifest(state_dir: str, manifest: Mapping[str, Any]) -> System
         )
         for name, r in manifest["tasks"].items()
     }
-    return System(
+    system = System(
         config=config, components=components, paths=paths, root_path_id=manifest["root_path_id"],
         root_description=manifest["root_description"], best=dict(manifest["best"]),
         populations={t: list(ids) for t, ids in manifest["populations"].items()}, tasks=tasks,
-        next_id=manifest["next_id"], id_prefix=manifest["id_prefix"],
+        next_id=manifest["next_id"], id_prefix=manifest["id_prefix"], damaged=damaged,
     )
+    _set_damage(system)
+    return system
+
+
+def _set_damage(system: System) -> None:
+    """Tasks whose served path uses a damaged component become DAMAGED (their
+    path is kept aside, never served); populations lose damaged paths; a task
+    restored DAMAGED whose files were repaired is READY again."""
+    for task, path_id in list(system.best.items()):
+        record = system.tasks[task]
+        bad = system.uses_damaged(system.paths[path_id])
+        if bad:
+            del system.best[task]
+            system.damaged_best[task] = path_id
+            reason = system.damaged[bad[0]].reason
+            record.status = TaskStatus.DAMAGED
+            record.message = (f"{len(bad)} component(s) of its model are damaged ({reason}); "
+                              "`improve` rebuilds the task, or restore the files and restart")
+            logger.error("task %s is DAMAGED: %s", task, record.message)
+        elif record.status == TaskStatus.DAMAGED:
+            record.status, record.message = TaskStatus.READY, ""
+    for task, ids in system.populations.items():
+        system.populations[task] = [i for i in ids if not system.uses_damaged(system.paths[i])]
+    for path in system.paths.values():
+        path.inherited = {n: i for n, i in path.inherited.items() if i not in system.damaged}
 
 
 def restore(state_dir: str) -> Restored | None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from evolve import checkpoint
+from evolve import checkpoint, statedir
 from evolve.config import SearchConfig
 from evolve.data import TaskData, load_task_data, preprocess_eval
 from evolve.data.arrays import ValidationSplit
@@ -54,6 +54,7 @@ class EngineOptions:
     max_train_examples: int | None = None
     seed: int = 0
     max_compiled_structures: int = 64  # compiled train/eval steps kept between searches
+    min_free_bytes: int = 256 << 20  # new work is refused while the state disk has less free
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +119,7 @@ class SystemSummary:
     checkpoint_step: int
     root_description: str
     config_name: str
+    damaged_tasks: tuple[str, ...] = ()
 
     def dot(self) -> str:
         """The sharing graph in Graphviz DOT."""
@@ -233,6 +235,49 @@ class Engine:
         with self._lock:
             return [self._task_info(name) for name in sorted(self.system.tasks)]
 
+    def forget_task(self, name: str) -> None:
+        """Undoes add_task of a task that never ran (its submit was not acknowledged)."""
+        with self._lock:
+            if name in self.system.tasks and name not in self.system.best:
+                del self.system.tasks[name]
+                self.system.populations.pop(name, None)
+                self._data.pop(name, None)
+
+    def delete_task(self, name: str) -> None:
+        """Removes a task and what only it used; durable before it returns.
+
+        Components other tasks lock stay (frozen tasks never change). A failed
+        checkpoint undoes the removal and raises StorageError."""
+        with self._lock:
+            if name not in self.system.tasks:
+                raise NotFoundError("task", name)
+            before = self.system.snapshot()
+            for mapping in (self.system.tasks, self.system.best, self.system.damaged_best, self.system.populations):
+                mapping.pop(name, None)
+            self.system.unlock(name, keep=None)
+            _, dropped = self.system.collect_garbage()
+            try:
+                self.save()
+            except Exception:
+                self.system.revert(before)
+                raise
+            self._served.pop(name, None)
+            self._data.pop(name, None)
+        logger.info("task %s deleted (%d components collected)", name, len(dropped))
+
+    def requeued(self, task: str) -> None:
+        """A search interrupted by shutdown runs again after the restart: a task
+        without a model is PENDING, not FAILED."""
+        with self._lock:
+            record = self.system.tasks.get(task)
+            if record is not None and record.status == TaskStatus.FAILED and task not in self.system.best:
+                record.status, record.message = TaskStatus.PENDING, ""
+
+    def check_storage(self) -> None:
+        """Raises StorageError while the state disk is below its free-space reserve."""
+        if self.state_dir:
+            statedir.check_free_space(self.state_dir, self.options.min_free_bytes)
+
     def _task_data(self, task: str) -> TaskData:
         if task not in self._data:
             self._data[task] = self._load(self.system.tasks[task].spec)
@@ -270,6 +315,12 @@ class Engine:
                 raise FailedPreconditionError("TASK_NOT_READY", f"task {task!r} has no path to generalize yet")
             if kind == EXTENSION and task in self.system.best:
                 kind = GENERALIZATION
+            damaged_root = self.system.uses_damaged(self.system.root_path)
+            if damaged_root:
+                raise FailedPreconditionError(
+                    "ROOT_DAMAGED", f"root component(s) {', '.join(damaged_root)} are damaged; restore their "
+                    "files under the state directory and restart",
+                )
             if kind == EXTENSION:
                 record.status = TaskStatus.SEARCHING
             self._searches_run += 1
@@ -278,7 +329,7 @@ class Engine:
             data = self._task_data(task)
             best = self._search(task, kind, data, seed=seed, cancel=cancel, emit=emit)
         except CancelledError:
-            self._abandon_search(task)
+            self._abandon_search(task, failed="cancelled before it had a model")
             emit(SearchFinished(task, "", 0.0, 0.0, 0.0, "CANCELLED", "cancelled"))
             raise
         except Exception as error:
@@ -307,7 +358,9 @@ class Engine:
     def _abandon_search(self, task: str, failed: str | None = None) -> None:
         with self._lock:
             record = self.system.tasks[task]
-            if task not in self.system.best:
+            if task in self.system.damaged_best:
+                record.status = TaskStatus.DAMAGED
+            elif task not in self.system.best:
                 record.status = TaskStatus.FAILED if failed else TaskStatus.PENDING
                 record.message = failed or ""
             keep = self.system.best_path(task)
@@ -341,25 +394,35 @@ class Engine:
         return self._finish(task, population, data, emit)
 
     def _finish(self, task: str, population: list[Path], data: TaskData, emit: EventCallback) -> Path:
-        """Keeps the single best path, locks it, checkpoints (DESIGN §3.6)."""
+        """Keeps the single best path, locks it, checkpoints (DESIGN §3.6).
+
+        Durable before visible: readers (GetTask, ListTasks) wait on the lock,
+        and the task is READY and Predict sees the new path only once the
+        checkpoint has committed. A failed save (StorageError) undoes every
+        change, so the task stays as it was."""
         with self._lock:
             if not population:
                 raise RuntimeError("the search produced no path")
+            before = self.system.snapshot()
             best = selection.prune(population, 1)[0]
             previous = self.system.best_path(task)
             if previous is None or best.id != previous.id:
-                best.version = (previous.version if previous else 0) + 1
+                replaced = previous or self.system.paths.get(self.system.damaged_best.get(task, ""))
+                best.version = (replaced.version if replaced else 0) + 1
                 best.test_accuracy = self._test_accuracy(task, best, data)
                 self.system.best[task] = best.id
+                self.system.damaged_best.pop(task, None)
                 self.system.unlock(task, keep=best)
                 self.system.lock(task, best)
             self.system.populations[task] = [best.id]
             record = self.system.tasks[task]
             record.status, record.message = TaskStatus.READY, ""
             self.system.collect_garbage()
-            # Durable before visible: readers (GetTask, ListTasks) wait on this
-            # lock, and Predict sees the new path only once it is checkpointed.
-            self.save(emit=emit, task=task)
+            try:
+                self.save(emit=emit, task=task)
+            except Exception:
+                self.system.revert(before)
+                raise
             self._serve(task)
         return best
 
@@ -391,8 +454,11 @@ class Engine:
         served = self._served.get(task)  # one dict read: a consistent snapshot
         if served is None:
             with self._lock:
-                if task not in self.system.tasks:
+                record = self.system.tasks.get(task)
+                if record is None:
                     raise NotFoundError("task", task)
+                if record.status == TaskStatus.DAMAGED:
+                    raise FailedPreconditionError("TASK_DAMAGED", f"task {task!r} is damaged: {record.message}")
             raise FailedPreconditionError("TASK_NOT_READY", f"task {task!r} has no trained path yet")
         batch = _as_uint8_images(images, self.options.max_predict_batch)
         inputs = preprocess_eval(batch, served.structure.image_size)
@@ -441,6 +507,7 @@ class Engine:
                 checkpoint_step=self.checkpoint_step,
                 root_description=system.root_description,
                 config_name=system.config.name,
+                damaged_tasks=tuple(sorted(system.damaged_best)),
             )
 
     def _accounted_params(self, task: str) -> float:

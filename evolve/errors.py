@@ -49,3 +49,25 @@ class CancelledError(EvolveError):
 
 class CorruptCheckpointError(EvolveError):
     """A checkpoint step failed its integrity check."""
+
+
+class StorageError(EvolveError):
+    """The state directory cannot be written: nothing was acknowledged.
+
+    `disk_full` (no space, quota, file size limit) maps to RESOURCE_EXHAUSTED,
+    any other storage failure to UNAVAILABLE; the message names the directory.
+    """
+
+    def __init__(self, state_dir: str, message: str, *, disk_full: bool = False):
+        super().__init__(f"state directory {state_dir}: {message}")
+        self.state_dir = state_dir
+        self.disk_full = disk_full
+
+
+class StateDirLockedError(EvolveError):
+    """Another process holds the state directory."""
+
+    def __init__(self, state_dir: str, holder: str):
+        super().__init__(f"state directory {state_dir} is in use by {holder}; one server per state directory")
+        self.state_dir = state_dir
+        self.holder = holder

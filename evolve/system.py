@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Any, Mapping
+
 from evolve.config import SearchConfig
 from evolve.types import Component, ParentProbe, Path, TaskSpec
 
@@ -17,6 +19,7 @@ class TaskStatus(str, enum.Enum):
     SEARCHING = "SEARCHING"
     READY = "READY"
     FAILED = "FAILED"
+    DAMAGED = "DAMAGED"  # restored with a missing or corrupt component; `improve` rebuilds it
 
 
 @dataclasses.dataclass
@@ -28,6 +31,27 @@ class TaskRecord:
     message: str = ""
     # The probes of the task's extension search: why its first parents were chosen.
     probes: tuple[ParentProbe, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DamagedComponent:
+    meta: Mapping[str, Any]  # the component's manifest entry
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The bookkeeping of a System at one moment, to undo a change whose
+    checkpoint could not be written (see System.snapshot)."""
+
+    components: dict[str, Component]
+    locked_by: dict[str, frozenset[str]]
+    paths: dict[str, Path]
+    best: dict[str, str]
+    populations: dict[str, list[str]]
+    tasks: dict[str, TaskRecord]
+    damaged: dict[str, DamagedComponent]
+    damaged_best: dict[str, str]
 
 
 @dataclasses.dataclass
@@ -42,6 +66,13 @@ class System:
     tasks: dict[str, TaskRecord] = dataclasses.field(default_factory=dict)
     next_id: int = 0
     id_prefix: str = ""  # namespaces ids per worker (mu3Net agents)
+    # Restored with missing or corrupt files: component id -> its manifest
+    # entry and the reason. Their metadata is saved on, so repairing the
+    # files and restarting brings their tasks back.
+    damaged: dict[str, DamagedComponent] = dataclasses.field(default_factory=dict)
+    # Damaged tasks' last paths (task -> path id): never served nor parents,
+    # kept until a rebuild replaces them.
+    damaged_best: dict[str, str] = dataclasses.field(default_factory=dict)
 
     # ---- ids -------------------------------------------------------------
 
@@ -98,8 +129,31 @@ class System:
             if task in component.locked_by and component.id not in keep_ids:
                 component.locked_by = component.locked_by - {task}
 
+    def snapshot(self) -> Snapshot:
+        """What `revert` needs to undo changes to paths, locks, tasks and GC."""
+        return Snapshot(
+            components=dict(self.components), locked_by={i: c.locked_by for i, c in self.components.items()},
+            paths=dict(self.paths), best=dict(self.best),
+            populations={t: list(ids) for t, ids in self.populations.items()},
+            tasks={t: dataclasses.replace(r) for t, r in self.tasks.items()},
+            damaged=dict(self.damaged), damaged_best=dict(self.damaged_best),
+        )
+
+    def revert(self, snapshot: Snapshot) -> None:
+        self.components = dict(snapshot.components)
+        for component_id, locked_by in snapshot.locked_by.items():
+            self.components[component_id].locked_by = locked_by
+        self.paths, self.best = dict(snapshot.paths), dict(snapshot.best)
+        self.populations = {t: list(ids) for t, ids in snapshot.populations.items()}
+        self.tasks = {t: dataclasses.replace(r) for t, r in snapshot.tasks.items()}
+        self.damaged, self.damaged_best = dict(snapshot.damaged), dict(snapshot.damaged_best)
+
+    def uses_damaged(self, path: Path) -> list[str]:
+        """The damaged component ids among a path's components."""
+        return [cid for cid in path.components.values() if cid in self.damaged]
+
     def referenced_path_ids(self) -> set[str]:
-        ids = {self.root_path_id, *self.best.values()}
+        ids = {self.root_path_id, *self.best.values(), *self.damaged_best.values()}
         for members in self.populations.values():
             ids.update(members)
         return ids
@@ -121,6 +175,7 @@ class System:
         dropped_components = [i for i in self.components if i not in used]
         for component_id in dropped_components:
             del self.components[component_id]
+        self.damaged = {i: d for i, d in self.damaged.items() if i in used}
         return dropped_paths, dropped_components
 
     def tasks_sharing(self, task: str) -> list[str]:

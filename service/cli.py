@@ -124,6 +124,7 @@ def render_tasks(tasks: Sequence[evolve_pb2.Task]) -> str:
 def render_task(task: evolve_pb2.Task, *, all_hparams: bool = False) -> str:
     lines = [
         f"task {task.name}: {client_lib.task_status_name(task)} (model version {task.path_version})",
+        *([f"  why:          {task.status_message}"] if task.status_message else []),
         f"  source:       {source_text(task.spec)}",
         f"  classes:      {task.num_classes}",
         f"  score:        {task.best_score:.4f}",
@@ -564,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = command("cancel", "cancel an operation")
     cancel.add_argument("operation", help="operations/<id>")
 
+    delete = command("delete", "delete a task and the components only it uses (other tasks are untouched)")
+    delete.add_argument("task")
+
     operations = command("operations", "list operations")
     operations.add_argument("--task", help="only this task's operations")
 
@@ -735,6 +739,12 @@ def cmd_cancel(client, args) -> int:
     return EXIT_OK
 
 
+def cmd_delete(client, args) -> int:
+    response = client.delete_task(args.task)
+    print_json(response) if args.json else print(f"task {response.name} deleted")
+    return EXIT_OK
+
+
 def cmd_operations(client, args) -> int:
     operations = client.list_operations(task=args.task)
     print_json({"operations": operations}) if args.json else print(render_operations(operations))
@@ -772,7 +782,7 @@ def cmd_health(client, args) -> int:
 
 COMMANDS: dict[str, Callable[[client_lib.EvolveClient, argparse.Namespace], int]] = {
     "submit": cmd_submit, "improve": cmd_improve, "tasks": cmd_tasks, "task": cmd_task, "watch": cmd_watch,
-    "predict": cmd_predict, "cancel": cmd_cancel, "operations": cmd_operations, "operation": cmd_operation,
+    "predict": cmd_predict, "cancel": cmd_cancel, "delete": cmd_delete, "operations": cmd_operations, "operation": cmd_operation,
     "system": cmd_system, "health": cmd_health,
 }
 

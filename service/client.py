@@ -283,6 +283,9 @@ class EvolveClient:
             if not token:
                 return operations
 
+    def delete_task(self, name: str) -> evolve_pb2.DeleteTaskResponse:
+        return self._call(self.evolution.DeleteTask, evolve_pb2.DeleteTaskRequest(name=name))
+
     def cancel_operation(self, name: str) -> evolve_pb2.Operation:
         return self._call(self.evolution.CancelOperation, evolve_pb2.CancelOperationRequest(name=name))
 

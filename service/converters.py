@@ -221,6 +221,7 @@ def task_to_proto(info: "TaskInfo") -> evolve_pb2.Task:
         shares_with=list(info.shares_with),
         num_classes=info.num_classes,
         spec=spec_to_proto(info.spec),
+        status_message=info.message,
     )
     for component in info.components:
         task.components.add(
@@ -329,6 +330,7 @@ def summary_to_proto(summary: "SystemSummary") -> evolve_pb2.SystemSummary:
         checkpoint_step=summary.checkpoint_step,
         root_model=summary.root_description,
         config_name=summary.config_name,
+        damaged_tasks=list(summary.damaged_tasks),
     )
     for task, params in summary.params_per_task.items():
         message.params_per_task[task] = params

@@ -27,6 +27,8 @@ from evolve.errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    StateDirLockedError,
+    StorageError,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,12 @@ def status_of(error: BaseException) -> status_pb2.Status:
         return status_pb2.Status(code=code_pb2.CANCELLED, message=message)
     if isinstance(error, CorruptCheckpointError):
         return status_pb2.Status(code=code_pb2.DATA_LOSS, message=message)
+    if isinstance(error, StorageError):
+        code = code_pb2.RESOURCE_EXHAUSTED if error.disk_full else code_pb2.UNAVAILABLE
+        return status_pb2.Status(code=code, message=message, details=[_retry_info(60.0)])
+    if isinstance(error, StateDirLockedError):
+        info = error_details_pb2.ErrorInfo(reason="STATE_DIR_LOCKED", domain=ERROR_DOMAIN)
+        return status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=message, details=[_packed(info)])
     if isinstance(error, UnavailableError):
         return status_pb2.Status(
             code=code_pb2.UNAVAILABLE, message=message, details=[_retry_info(error.retry_after_s)]
@@ -181,8 +189,30 @@ def _wrap_unary(behavior: Callable, method: str) -> Callable:
     return wrapped
 
 
+# gRPC runs a server-streaming behaviour in one of two styles, chosen by
+# attributes on the function: a generator it iterates (the default), or, with
+# `experimental_non_blocking` set (grpc.health.v1's Watch), a function called
+# as f(request, context, send_response_callback) that returns at once and
+# sends its responses through the callback later, holding no worker thread.
+_NON_BLOCKING = "experimental_non_blocking"
+_THREAD_POOL = "experimental_thread_pool"
+
+
+def _is_non_blocking(behavior: Callable) -> bool:
+    return bool(getattr(behavior, _NON_BLOCKING, False))
+
+
 def _wrap_stream(behavior: Callable, method: str) -> Callable:
-    @functools.wraps(behavior)
+    """The behaviour with its errors mapped to statuses, in the behaviour's own style.
+
+    functools.wraps must not copy `__dict__` here: it would carry
+    `experimental_non_blocking` onto a generator wrapper, and gRPC would then
+    call it with a third argument (UNKNOWN: "takes 2 positional arguments").
+    """
+    if _is_non_blocking(behavior):
+        return _wrap_non_blocking_stream(behavior, method)
+
+    @functools.wraps(behavior, updated=())
     def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
             _check_decoded(request)
@@ -190,6 +220,23 @@ def _wrap_stream(behavior: Callable, method: str) -> Callable:
         except Exception as error:
             _handle(error, context, method)
 
+    return wrapped
+
+
+def _wrap_non_blocking_stream(behavior: Callable, method: str) -> Callable:
+    """A callback-style behaviour wrapped as one: gRPC still calls it non-blocking."""
+
+    @functools.wraps(behavior, updated=())
+    def wrapped(request: Any, context: grpc.ServicerContext,
+                send_response_callback: Callable[[Any], None] | None = None) -> Any:
+        try:
+            _check_decoded(request)
+            return behavior(request, context, send_response_callback)
+        except Exception as error:  # noqa: BLE001 (mapped to a status, as in _wrap_unary)
+            _handle(error, context, method)
+
+    setattr(wrapped, _NON_BLOCKING, True)
+    setattr(wrapped, _THREAD_POOL, getattr(behavior, _THREAD_POOL, None))
     return wrapped
 
 

@@ -195,16 +195,32 @@ class Jobs:
         if self._queue:
             logger.info("re-queued %d unfinished operation(s)", len(self._queue))
 
-    def _save(self) -> None:
-        """Checkpoints the engine with the operations; failures are logged, not raised.
+    def _save(self, *, raise_errors: bool = False) -> None:
+        """Checkpoints the engine with the operations.
 
         Serialised, so that a save whose operations were read earlier never
-        commits after (and over) one that read them later."""
+        commits after (and over) one that read them later. Failures are logged,
+        or raised with `raise_errors` (for changes acknowledged to a client)."""
         try:
             with self._save_lock:
                 self._engine.save()
         except Exception:
+            if raise_errors:
+                raise
             logger.exception("checkpoint after an operation change failed")
+
+    def _acknowledge(self, record: OperationRecord, undo: Callable[[], None] = lambda: None) -> None:
+        """Makes a new operation durable before the client hears of it; when the
+        checkpoint fails, forgets the operation (and runs `undo`) and raises."""
+        try:
+            self._save(raise_errors=True)
+        except Exception:
+            with self._condition:
+                self._records.pop(record.name, None)
+                self._request_ids = {k: v for k, v in self._request_ids.items() if v != record.name}
+            undo()
+            logger.warning("%s not accepted: its checkpoint failed", record.name)
+            raise
 
     # ---- requests ----------------------------------------------------------------
 
@@ -218,7 +234,7 @@ class Jobs:
             self._engine.add_task(spec)
             record = self._create(EXTENSION, spec.name, "submit", request_id)
             record.plan = self._engine.search_plan(spec.name, EXTENSION)
-            self._save()
+            self._acknowledge(record, undo=lambda: self._engine.forget_task(spec.name))
             self._enqueue(record.name)
             logger.info("%s: extension search of %s queued", record.name, spec.name)
             return self.get(record.name)
@@ -237,7 +253,7 @@ class Jobs:
             kind = self._improvement_kind(task)
             record = self._create(kind, task, "improve", request_id)
             record.plan = self._engine.search_plan(task, kind) if task else None
-            self._save()
+            self._acknowledge(record)
             self._enqueue(record.name)
             logger.info("%s: %s search of %s queued", record.name, kind, task or "every ready task")
             return self.get(record.name)
@@ -272,6 +288,24 @@ class Jobs:
                     f"the search queue is full ({self._max_queue} operations waiting)",
                     retry_after_s=self._search_seconds,
                 )
+        self._engine.check_storage()  # refuse before writing anything
+
+    def delete_task(self, task: str) -> None:
+        """Deletes a task (durably) unless an operation of it is queued or running."""
+        with self._submit_lock:
+            with self._condition:
+                if self._stopping:
+                    raise UnavailableError("the server is shutting down", retry_after_s=5.0)
+                busy = [r.name for r in self._records.values() if not r.done and r.task == task]
+                if self._running and not self._records[self._running].task:
+                    busy.append(self._running)  # an improvement of every task may reach it
+            if busy:
+                raise FailedPreconditionError(
+                    "TASK_BUSY", f"task {task!r} has unfinished operations ({', '.join(busy)}); cancel them first"
+                )
+            with self._save_lock:  # the engine's checkpoint carries the operations too
+                self._engine.delete_task(task)
+            logger.info("task %s deleted", task)
 
     def _create(self, kind: str, task: str, scope: str, request_id: str) -> OperationRecord:
         now = time.time()
@@ -432,9 +466,12 @@ class Jobs:
                 )
         except CancelledError as error:
             with self._condition:
-                if self._stopping and not record.cancel_requested:
-                    logger.info("%s interrupted by shutdown; it will run again after a restart", record.name)
-                    return QUEUED, None
+                interrupted = self._stopping and not record.cancel_requested
+            if interrupted:
+                logger.info("%s interrupted by shutdown; it will run again after a restart", record.name)
+                for task in self._tasks_of(record):
+                    self._engine.requeued(task)
+                return QUEUED, None
             return CANCELLED, OperationError(code_pb2.CANCELLED, str(error) or "cancelled")
         except EvolveError as error:
             logger.warning("%s failed: %s", record.name, error)

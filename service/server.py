@@ -39,8 +39,9 @@ class ServerOptions:
     overrides: tuple[str, ...] = ()  # "key=value" overrides of the configuration
     root: str = ""  # a ViT size name ("tiny", "B/16") or a vit_jax .npz; "": the configuration's size
     devices: int = 0  # 0: every local device
-    token: str | None = None
+    token: str | None = None  # with a token, every RPC but the probes needs one (service/auth.py)
     read_token: str | None = None
+    open_reads: bool = False  # with a token: read calls open, mutating calls still need it
     tls_cert: str | None = None
     tls_key: str | None = None
     data_roots: tuple[str, ...] = ()  # empty: any path
@@ -56,6 +57,8 @@ class ServerOptions:
     port_file: str | None = None
     log_level: str = "INFO"
     startup_delay_seconds: float = 0.0  # for tests of the NOT_SERVING phase
+    min_free_mb: int = 256  # new work is refused while the state disk has less free
+    max_waits_per_client: int = 0  # WaitOperation + WatchEvolution per client host; 0: workers / 4
 
 
 # ---- flags ---------------------------------------------------------------------------
@@ -91,9 +94,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--devices", type=int, default=int(_env("DEVICES", defaults.devices)),
         help="accelerators to train on; on CPU, N > 1 simulates N devices; 0: all [EVOLVE_DEVICES]")
     add("--token", default=_env("TOKEN"),
-        help="bearer token required by mutating calls (and reads, without --read-token) [EVOLVE_TOKEN]")
+        help="bearer token; once set, every call except grpc health and ServerLive/ServerReady needs a token "
+             "(this one; reads also take --read-token); an empty token is an error [EVOLVE_TOKEN]")
+    add("--token-file", default=_env("TOKEN_FILE"),
+        help="read the token from this file instead (e.g. a mounted Secret; surrounding whitespace is "
+             "dropped, an empty file is an error) [EVOLVE_TOKEN_FILE]")
     add("--read-token", default=_env("READ_TOKEN"),
-        help="bearer token that allows read calls only; requires --token [EVOLVE_READ_TOKEN]")
+        help="second bearer token that allows read calls only (predictions, Get/List/Watch/Wait, reflection); "
+             "mutating calls answer PERMISSION_DENIED; requires --token [EVOLVE_READ_TOKEN]")
+    add("--read-token-file", default=_env("READ_TOKEN_FILE"),
+        help="read the read token from this file instead [EVOLVE_READ_TOKEN_FILE]")
+    add("--open-reads", action=argparse.BooleanOptionalAction, default=_env("OPEN_READS"),
+        help="with --token, leave read calls open to anyone (predictions, task lists and specs with their "
+             "server-side paths); mutating calls still need the token; excludes --read-token "
+             "[EVOLVE_OPEN_READS=true|false, default false]")
     add("--tls-cert", default=_env("TLS_CERT"), help="PEM certificate chain; with --tls-key serves TLS [EVOLVE_TLS_CERT]")
     add("--tls-key", default=_env("TLS_KEY"), help="PEM private key [EVOLVE_TLS_KEY]")
     add("--data-root", dest="data_roots", action="append", default=None, metavar="DIR",
@@ -121,6 +135,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--port-file", default=_env("PORT_FILE"),
         help="write the bound port to this file once listening (for supervisors and tests)")
     add("--log-level", default=_env("LOG_LEVEL", defaults.log_level), help="[EVOLVE_LOG_LEVEL, %(default)s]")
+    add("--max-waits-per-client", type=int, default=int(_env("MAX_WAITS_PER_CLIENT", defaults.max_waits_per_client)),
+        help="WaitOperation and WatchEvolution calls one client host may hold at once; all clients together "
+             "hold at most --workers / 2, so Predict and health always find a thread; 0: --workers / 4 "
+             "[EVOLVE_MAX_WAITS_PER_CLIENT, %(default)s]")
+    add("--min-free-mb", type=int, default=int(_env("MIN_FREE_MB", defaults.min_free_mb)),
+        help="refuse new tasks and improvements (RESOURCE_EXHAUSTED) while the state disk has less than this "
+             "free; 0 = no reserve [EVOLVE_MIN_FREE_MB, %(default)s]")
     add("--startup-delay-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     return parser
 
@@ -129,19 +150,56 @@ def _int_or_none(value: str | None) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
+
+
+def _boolean(flag: str, value: bool | str | None) -> bool:
+    """A flag's boolean: the flag itself, or its EVOLVE_* value (true/false, 1/0, yes/no, on/off)."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    word = value.strip().lower()
+    if word not in _TRUE_WORDS | _FALSE_WORDS:
+        raise ValueError(f"{flag} must be true or false, got {value!r}")
+    return word in _TRUE_WORDS
+
+
+def _read_secret_file(flag: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{flag}: cannot read {path!r}: {error}") from error
+
+
+def _token_from(args: argparse.Namespace, name: str) -> str | None:
+    """--NAME or the content of --NAME-file (not both), checked: an empty token is an error, never 'no auth'."""
+    from service.auth import check_token
+
+    flag, variable = f"--{name.replace('_', '-')}", f"EVOLVE_{name.upper()}"
+    value, path = getattr(args, name, None), getattr(args, f"{name}_file", None)
+    if value is not None and path is not None:
+        raise ValueError(f"give {flag} or {flag}-file ({variable} or {variable}_FILE), not both")
+    if path is not None:
+        return check_token(f"{flag}-file {path!r}", _read_secret_file(f"{flag}-file", path))
+    return check_token(f"{flag} ({variable})", value)
+
+
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
     """ServerOptions of parsed flags; raises ValueError on inconsistent ones."""
     data_roots = args.data_roots if args.data_roots is not None else _env_list("DATA_ROOTS")
     options = ServerOptions(
         host=args.host, port=args.port, state_dir=args.state_dir, config=args.config,
         overrides=tuple(args.overrides), root=args.root or "", devices=args.devices,
-        token=args.token or None, read_token=args.read_token or None,
+        token=_token_from(args, "token"), read_token=_token_from(args, "read_token"),
+        open_reads=_boolean("--open-reads (EVOLVE_OPEN_READS)", getattr(args, "open_reads", None)),
         tls_cert=args.tls_cert or None, tls_key=args.tls_key or None,
         data_roots=tuple(os.path.abspath(root) for root in data_roots),
         max_queue=args.max_queue, cycle_idle_seconds=args.cycle_idle_seconds, max_batch=args.max_batch, max_message_mb=args.max_message_mb,
         max_train_examples=args.max_train_examples, seed=args.seed, grace_seconds=args.grace_seconds,
         workers=args.workers, compilation_cache_dir=args.compilation_cache_dir, port_file=args.port_file,
-        log_level=args.log_level, startup_delay_seconds=args.startup_delay_seconds,
+        log_level=args.log_level, startup_delay_seconds=args.startup_delay_seconds, min_free_mb=args.min_free_mb,
+        max_waits_per_client=args.max_waits_per_client,
     )
     validate_options(options)
     return options
@@ -153,16 +211,35 @@ def validate_options(options: ServerOptions) -> None:
     for name in ("max_queue", "max_batch", "max_message_mb", "workers"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if options.max_waits_per_client < 0:
+        raise ValueError("--max-waits-per-client must not be negative")
+    if options.min_free_mb < 0:
+        raise ValueError("--min-free-mb must not be negative")
     if options.devices < 0:
         raise ValueError("--devices must not be negative")
-    if options.read_token and not options.token:
-        raise ValueError("--read-token needs --token as well (mutating calls would be open)")
+    _validate_tokens(options)
     if bool(options.tls_cert) != bool(options.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     for path in (options.tls_cert, options.tls_key):
         if path and not os.path.isfile(path):
             raise ValueError(f"no such file: {path}")
     build_config(options.config, parse_overrides(options.overrides), options.root)
+
+
+def _validate_tokens(options: ServerOptions) -> None:
+    """Token settings that mean what they say: no empty token, no open door by accident."""
+    from service.auth import check_token
+
+    token = check_token("--token", options.token)
+    read_token = check_token("--read-token", options.read_token)
+    if read_token and not token:
+        raise ValueError("--read-token needs --token as well (mutating calls would be open)")
+    if options.open_reads and not token:
+        raise ValueError("--open-reads needs --token (without a token every call is open anyway)")
+    if options.open_reads and read_token:
+        raise ValueError("--open-reads and --read-token exclude each other: reads are either open or need a token")
+    if token and token == read_token:
+        raise ValueError("--read-token must differ from --token")
 
 
 # ---- configuration ------------------------------------------------------------------
@@ -238,14 +315,25 @@ def configure_devices(devices: int) -> None:
 
 
 def warn_if_exposed(options: ServerOptions) -> None:
+    """Logs who may call what; warns when that is anyone who can reach a non-local port."""
+    from service.auth import describe
+
+    logger.info("access: %s", describe(options.token, options.read_token, options.open_reads))
     if options.host in LOCAL_HOSTS:
         return
     if not options.token:
         logger.warning(
-            "!!! LISTENING ON %s WITHOUT A TOKEN: anyone who can reach this port can submit tasks, "
-            "read data paths and run searches. Set --token (or EVOLVE_TOKEN). !!!", options.host
+            "!!! LISTENING ON %s WITHOUT A TOKEN: anyone who can reach this port can submit, cancel and "
+            "delete tasks, run searches, predict, and read task specs with their server-side data paths. "
+            "Set --token or --token-file (EVOLVE_TOKEN, EVOLVE_TOKEN_FILE). !!!", options.host
         )
-    elif not options.tls_cert:
+        return
+    if options.open_reads:
+        logger.warning(
+            "listening on %s with --open-reads: anyone who can reach this port can predict, list tasks and "
+            "read task specs with their server-side data paths; only mutating calls need the token", options.host
+        )
+    if not options.tls_cert:
         logger.warning("listening on %s without TLS: tokens travel in clear text; set --tls-cert/--tls-key",
                        options.host)
 
@@ -274,7 +362,9 @@ class Server:
         from service.servicers import Backend
 
         self.options = options
-        self.backend = Backend(max_watchers=max(options.workers // 2, 1))
+        waiting = max(options.workers // 2, 1)  # the other half stays free for Predict and health
+        per_client = options.max_waits_per_client or max(waiting // 2, 1)
+        self.backend = Backend(max_long_calls=waiting, max_long_calls_per_peer=per_client)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._grpc = grpc
         self._stop = threading.Event()
@@ -292,7 +382,7 @@ class Server:
         limit = options.max_message_mb * 1024 * 1024
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc"),
-            interceptors=[AuthInterceptor(options.token, options.read_token), ErrorInterceptor()],
+            interceptors=[AuthInterceptor(options.token, options.read_token, options.open_reads), ErrorInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -396,6 +486,7 @@ class Server:
         jobs.start()
         for name in self.service_names():
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.backend.set_serving(True)  # ServerReady agrees with health
         logger.info("serving %d task(s) from checkpoint step %d on %d device(s): %s", len(engine.system.tasks),
                     engine.checkpoint_step, len(engine.devices), engine.devices[0].platform)
 
@@ -430,12 +521,14 @@ def load_backend(options: ServerOptions):
     """
     import jax  # noqa: PLC0415 (after configure_devices)
 
+    from evolve import statedir
     from evolve.engine import Engine, EngineOptions, enable_compilation_cache
     from service.event_log import EventLog
     from service.jobs import Jobs, event_log_start
 
     state_dir = os.path.abspath(options.state_dir)
     os.makedirs(state_dir, exist_ok=True)
+    statedir.remove_interrupted_writes(state_dir)  # we hold the state-directory lock
     cache = options.compilation_cache_dir
     if cache is None:
         cache = os.path.join(state_dir, "xla_cache")
@@ -448,7 +541,7 @@ def load_backend(options: ServerOptions):
         devices = devices[: options.devices]
     engine_options = EngineOptions(
         data_roots=options.data_roots, max_predict_batch=options.max_batch,
-        max_train_examples=options.max_train_examples, seed=options.seed,
+        max_train_examples=options.max_train_examples, seed=options.seed, min_free_bytes=options.min_free_mb << 20,
     )
     engine = Engine.restore(state_dir, devices=devices, options=engine_options)
     fresh = engine is None
@@ -471,14 +564,27 @@ def load_backend(options: ServerOptions):
 
 def serve(options: ServerOptions) -> int:
     """Runs a server until it is told to stop; returns the process exit code."""
+    from evolve.errors import StateDirLockedError  # noqa: PLC0415 (no JAX)
+    from evolve.statedir import StateDirLock  # noqa: PLC0415
+
     configure_logging(options.log_level)
     configure_devices(options.devices)
+    lock = StateDirLock(options.state_dir)
+    try:
+        holder = lock.acquire()  # held until the process exits, kill -9 included
+    except (StateDirLockedError, OSError) as error:
+        logger.error("cannot start the server: %s", error)
+        return 1
+    logger.info("state directory %s locked (pid %d)", lock.state_dir, holder.pid)
     try:
         server = Server(options)
     except (OSError, RuntimeError, ValueError) as error:
         logger.error("cannot start the server: %s", error)
         return 1
-    return server.run()
+    try:
+        return server.run()
+    finally:
+        lock.release()
 
 
 def serve_from_args(args: argparse.Namespace) -> int:

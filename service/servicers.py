@@ -7,6 +7,7 @@ errors; service.errors maps them to status codes for every handler at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -38,20 +39,69 @@ class Loaded:
     events: EventLog
 
 
+def peer_host(peer: str) -> str:
+    """The client host of a gRPC peer string ("ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7")."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host, _, port = address.rpartition(":")
+        return f"{kind}:{host}" if port.isdigit() else peer
+    return peer
+
+
+class LongCalls:
+    """Bounds the calls that hold a server thread while they wait
+    (WaitOperation, WatchEvolution): in all, and per client host, so that
+    Predict and health always find a free thread."""
+
+    def __init__(self, total: int, per_peer: int):
+        self.total, self.per_peer = max(total, 1), max(min(per_peer, total), 1)
+        self._lock = threading.Lock()
+        self._by_peer: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, peer: str, method: str) -> Iterator[None]:
+        host = peer_host(peer or "")
+        with self._lock:
+            held = sum(self._by_peer.values())
+            if held >= self.total:
+                raise ResourceExhaustedError(
+                    f"{method}: the server already holds {held} waiting calls (at most {self.total}); "
+                    "retry later or poll GetOperation", retry_after_s=10.0,
+                )
+            if self._by_peer.get(host, 0) >= self.per_peer:
+                raise ResourceExhaustedError(
+                    f"{method}: this client already holds {self.per_peer} waiting calls (at most "
+                    f"{self.per_peer} per client host)", retry_after_s=10.0,
+                )
+            self._by_peer[host] = self._by_peer.get(host, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._by_peer[host] -= 1
+                if not self._by_peer[host]:
+                    del self._by_peer[host]
+
+
 class Backend:
     """What the servicers delegate to; UNAVAILABLE until the engine is loaded."""
 
-    def __init__(self, *, max_watchers: int = 16):
+    def __init__(self, *, max_long_calls: int = 16, max_long_calls_per_peer: int = 8):
         self._loaded: Loaded | None = None
         self._draining = False
-        self._watchers = threading.BoundedSemaphore(max_watchers)
-        self._max_watchers = max_watchers
+        self._serving = False
+        self.long_calls = LongCalls(max_long_calls, max_long_calls_per_peer)
 
     def attach(self, engine: Any, jobs: Jobs, events: EventLog) -> None:
         self._loaded = Loaded(engine, jobs, events)
 
+    def set_serving(self, serving: bool) -> None:
+        """Flipped together with grpc health, so ServerReady and health agree."""
+        self._serving = serving
+
     def drain(self) -> None:
         self._draining = True
+        self._serving = False
 
     @property
     def loaded(self) -> Loaded | None:
@@ -59,19 +109,13 @@ class Backend:
 
     @property
     def ready(self) -> bool:
-        return self._loaded is not None and not self._draining
+        return self._serving and self._loaded is not None and not self._draining
 
     def require(self) -> Loaded:
         loaded = self._loaded
         if loaded is None:
             raise UnavailableError("the server is still loading its system; retry shortly", retry_after_s=2.0)
         return loaded
-
-    def watcher_slot(self) -> threading.BoundedSemaphore:
-        """A slot for one WatchEvolution stream (each holds a server thread)."""
-        if not self._watchers.acquire(blocking=False):
-            raise ResourceExhaustedError(f"too many WatchEvolution streams (at most {self._max_watchers})", 10.0)
-        return self._watchers
 
 
 def predict(engine: Any, task: str, images: np.ndarray, version: str = "", field: str = "task"):
@@ -135,7 +179,9 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = min(timeout, max(remaining - 0.2, 0.0))  # answer before the deadline
-        record = loaded.jobs.wait(request.name, timeout, keep_waiting=context.is_active)
+        loaded.jobs.get(request.name)  # NOT_FOUND before taking a slot
+        with self._backend.long_calls.hold(context.peer(), "WaitOperation"):
+            record = loaded.jobs.wait(request.name, timeout, keep_waiting=context.is_active)
         return self._operation(loaded, record)
 
     def GetTask(self, request, context):
@@ -158,11 +204,8 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
         loaded = self._backend.require()
         if request.after_sequence < 0:
             raise InvalidArgumentError("after_sequence", "must not be negative")
-        slot = self._backend.watcher_slot()
-        try:
+        with self._backend.long_calls.hold(context.peer(), "WatchEvolution"):
             yield from _follow(loaded.events, request.task, request.after_sequence, context)
-        finally:
-            slot.release()
 
     def Predict(self, request, context):
         loaded = self._backend.require()
@@ -172,6 +215,13 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
     def GetSystem(self, request, context):
         loaded = self._backend.require()
         return converters.summary_to_proto(loaded.engine.summary())
+
+    def DeleteTask(self, request, context):
+        loaded = self._backend.require()
+        if not request.name:
+            raise InvalidArgumentError("name", "a task name is required")
+        loaded.jobs.delete_task(request.name)
+        return evolve_pb2.DeleteTaskResponse(name=request.name)
 
 
 def _follow(events: EventLog, task: str, after: int, context) -> Iterator[evolve_pb2.Event]:

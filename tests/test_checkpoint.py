@@ -1,5 +1,6 @@
 """Checkpoints: incremental component writes, atomic manifests, integrity
-checks with fallback to the previous step, retention, and file GC."""
+checks (damaged components make their tasks DAMAGED; unreadable manifests
+fall back to the previous step), retention, and file GC."""
 
 from __future__ import annotations
 
@@ -52,31 +53,93 @@ def test_roundtrip_restores_everything(trained):
     assert restored.config == engine.system.config
 
 
-def test_corrupt_component_falls_back_to_previous_step(trained, tmp_path):
+def _damage(path: str) -> None:
+    """Flips bytes in every data file under a component directory."""
+    for directory, _, files in os.walk(path):
+        for name in files:
+            if name.startswith("_") or name.endswith(".json"):
+                continue
+            with open(os.path.join(directory, name), "r+b") as handle:
+                data = bytearray(handle.read())
+                for i in range(0, len(data), 7):
+                    data[i] ^= 0xFF
+                handle.seek(0)
+                handle.write(data)
+
+
+@pytest.mark.parametrize("how", ["deleted", "corrupt"])
+def test_a_damaged_component_marks_its_task_damaged_in_the_newest_step(trained, tmp_path, how):
+    """No silent rollback to an older step: the newest manifest is restored,
+    the task whose path uses the component is DAMAGED and serves nothing,
+    the damage survives a save, and repairing the files brings it back."""
+    engine, state_dir = trained
+    import shutil
+
+    from evolve.system import TaskStatus
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(state_dir, copy)
+    latest = checkpoint.restore(copy).step
+    head_id = engine.system.best_path("digits").components["head"]
+    head_dir = os.path.join(copy, "components", head_id)
+    backup = str(tmp_path / "backup")
+    shutil.copytree(head_dir, backup)
+    if how == "deleted":
+        shutil.rmtree(head_dir)
+    else:
+        _damage(head_dir)
+    restored = checkpoint.restore(copy)
+    assert restored.step == latest
+    system = restored.system
+    assert system.tasks["digits"].status == TaskStatus.DAMAGED
+    assert head_id in system.tasks["digits"].message or "damaged" in system.tasks["digits"].message
+    assert "digits" not in system.best and system.damaged_best["digits"] == engine.system.best["digits"]
+    assert set(system.damaged) == {head_id}
+    assert system.uses_damaged(system.root_path) == []
+    # A save keeps the damaged entry (and the task's path) for a later repair.
+    checkpoint.save(system, copy)
+    if how == "corrupt":
+        shutil.rmtree(head_dir)
+    shutil.copytree(backup, head_dir)
+    repaired = checkpoint.restore(copy).system
+    assert repaired.tasks["digits"].status == TaskStatus.READY
+    assert repaired.best == engine.system.best and not repaired.damaged
+
+
+def test_unreadable_manifests_fall_back_then_fail_clearly(trained, tmp_path):
     engine, state_dir = trained
     import shutil
 
     copy = str(tmp_path / "copy")
     shutil.copytree(state_dir, copy)
-    latest = checkpoint.restore(copy).step
-    # Damage a component only the newest step references: the digits head.
-    head_id = engine.system.best_path("digits").components["head"]
-    shutil.rmtree(os.path.join(copy, "components", head_id))
-    restored = checkpoint.restore(copy)
-    assert restored.step < latest
-    assert "digits" not in restored.system.best  # the step before the search finished
+    manifests = os.path.join(copy, "manifest")
+    steps = sorted((int(s) for s in os.listdir(manifests) if s.isdigit()), reverse=True)
+    assert len(steps) >= 2
+    for directory, _, files in os.walk(os.path.join(manifests, str(steps[0]))):
+        for name in files:
+            with open(os.path.join(directory, name), "w") as handle:
+                handle.write("{not json")
+    assert checkpoint.restore(copy).step == steps[1]
+    for step in steps[1:]:
+        shutil.rmtree(os.path.join(manifests, str(step), "manifest"))
+    with pytest.raises(CorruptCheckpointError):
+        checkpoint.restore(copy)
 
 
-def test_no_intact_step_is_a_clear_error(trained, tmp_path):
+def test_every_component_gone_restores_damaged_and_refuses_searches(trained, tmp_path):
     engine, state_dir = trained
     import shutil
+
+    from evolve.errors import FailedPreconditionError
 
     copy = str(tmp_path / "copy")
     shutil.copytree(state_dir, copy)
     for name in os.listdir(os.path.join(copy, "components")):
         shutil.rmtree(os.path.join(copy, "components", name))
-    with pytest.raises(CorruptCheckpointError):
-        checkpoint.restore(copy)
+    restored = Engine.restore(copy)
+    assert restored.system.tasks["digits"].status.value == "DAMAGED"
+    with pytest.raises(FailedPreconditionError, match="root"):
+        restored.run_search("digits")
 
 
 def test_retention_and_file_gc(tmp_path):

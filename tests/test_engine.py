@@ -170,6 +170,9 @@ def test_cancel_leaves_task_unserved_and_clean():
     components_before = set(engine.system.components)
     with pytest.raises(CancelledError):
         engine.run_search("digits", cancel=cancel)
+    info = engine.task("digits")
+    assert (info.status, info.message) == ("FAILED", "cancelled before it had a model")
+    engine.requeued("digits")  # an interruption by shutdown runs again after the restart
     assert engine.task("digits").status == "PENDING"
     assert set(engine.system.components) == components_before
 

@@ -73,11 +73,15 @@ def bundled_task_specs() -> list[TaskSpec]:
     return [TaskSpec(name=name, source=BundledSource(name=name)) for name in BUNDLED_TASKS]
 
 
-def load_bundled(source: BundledSource, max_train_examples: int | None) -> TaskData:
-    """Builds a bundled task; its split is fixed (same for every task)."""
+def check_bundled(source: BundledSource) -> None:
     if source.name not in _TRANSFORMS:
         known = ", ".join(sorted(BUNDLED_TASKS))
         raise InvalidArgumentError("source.name", f"unknown bundled task {source.name!r}; known: {known}")
+
+
+def load_bundled(source: BundledSource, max_train_examples: int | None) -> TaskData:
+    """Builds a bundled task; its split is fixed (same for every task)."""
+    check_bundled(source)
     transform, class_names = _TRANSFORMS[source.name]
     images, labels = transform(*_digits())
     order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))

@@ -172,6 +172,13 @@ def _split(everything: ImageSet, source: ImageFolderSource) -> tuple[ImageSet, I
     return everything.take(np.sort(train_idx)), validation, test
 
 
+def check_image_folder(source: ImageFolderSource, data_roots: Sequence[str]) -> None:
+    """The cheap part of loading: the fractions and the class folders (no image is opened)."""
+    _check_fractions(source)
+    root = resolve_path(source.path, FIELD, data_roots)
+    _class_folders(source.path, root, data_roots)
+
+
 def load_image_folder(
     source: ImageFolderSource, data_roots: Sequence[str], max_train_examples: int | None,
     limits: DataLimits = DEFAULT_LIMITS,

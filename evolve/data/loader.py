@@ -7,11 +7,11 @@ import os
 from collections.abc import Sequence
 
 from evolve.data.arrays import ValidationSplit
-from evolve.data.bundled import load_bundled
+from evolve.data.bundled import check_bundled, load_bundled
 from evolve.data.dataset import TaskData
-from evolve.data.folder import load_image_folder
+from evolve.data.folder import check_image_folder, load_image_folder
 from evolve.data.limits import DEFAULT_LIMITS, DataLimits
-from evolve.data.npz import load_npz
+from evolve.data.npz import check_npz, load_npz
 from evolve.errors import EvolveError, InvalidArgumentError, ResourceExhaustedError
 from evolve.types import (
     BundledSource,
@@ -70,6 +70,29 @@ def _load_source(
     if isinstance(source, BundledSource):
         return load_bundled(source, max_train)
     raise InvalidArgumentError("source", f"unsupported task source {type(source).__name__}")
+
+
+def check_task_source(spec: TaskSpec, *, data_roots: Sequence[str] = (), limits: DataLimits = DEFAULT_LIMITS) -> None:
+    """Refuses a bad spec cheaply, without loading any data: the name, the
+    fields, path confinement and existence, a npz archive's headers (a zip
+    bomb is refused here). Loading itself (load_task_data) runs later, in the
+    task's operation, and may still find bad contents."""
+    if not isinstance(spec, TaskSpec):
+        raise InvalidArgumentError("spec", f"expected a TaskSpec, got {type(spec).__name__}")
+    validate_task_name(spec.name, "name")
+    roots, source = _roots(data_roots), spec.source
+    if isinstance(source, NpzSource):
+        check_npz(source, roots, limits)
+    elif isinstance(source, ImageFolderSource):
+        check_image_folder(source, roots)
+    elif isinstance(source, TfdsSource):
+        from evolve.data import tfds_source  # pylint: disable=import-outside-toplevel
+
+        tfds_source.check_tfds(source, roots)
+    elif isinstance(source, BundledSource):
+        check_bundled(source)
+    else:
+        raise InvalidArgumentError("source", f"unsupported task source {type(source).__name__}")
 
 
 def load_task_data(

@@ -223,6 +223,20 @@ def _read_arrays(
         return {name: _read_array(archive, name, info) for name, info in members.items()}
 
 
+def check_npz(source: NpzSource, data_roots: Sequence[str], limits: DataLimits = DEFAULT_LIMITS) -> None:
+    """The cheap part of loading, for a request to refuse bad input at once:
+    the path, the zip directory and the .npy headers; no array is read."""
+    real_path = resolve_path(source.path, FIELD, data_roots)
+    with _open_archive(source.path, real_path, data_roots) as archive:
+        members = _members(archive)
+        limits_module.check_decoded_size(sum(i.file_size for i in members.values()), limits, FIELD, "the archive")
+        headers = {name: _read_header(archive, name, info) for name, info in members.items()}
+        _check_declared_sizes(headers, limits)
+    for required in ("train_images", "train_labels"):
+        if required not in headers:
+            raise InvalidArgumentError(FIELD, f"array {required!r} is missing")
+
+
 def _split_from(named: dict[str, np.ndarray], split: str) -> ImageSet | None:
     """One split's ImageSet, or None when the archive lacks it."""
     images, labels = named.get(f"{split}_images"), named.get(f"{split}_labels")

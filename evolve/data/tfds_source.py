@@ -88,6 +88,12 @@ def _data_dir(source: TfdsSource, data_roots: Sequence[str]) -> str | None:
     return real
 
 
+def check_tfds(source: TfdsSource, data_roots: Sequence[str]) -> None:
+    """The checks that need neither tfds nor the dataset: fields and data_dir."""
+    _check_source(source)
+    _data_dir(source, data_roots)
+
+
 def _not_prepared(source: TfdsSource, builder_dir: str) -> FailedPreconditionError:
     """The error for a dataset that is not prepared while downloads are off."""
     where = f"data_dir {source.data_dir!r}" if source.data_dir else "the server's tfds data_dir"

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,6 +128,12 @@ class RunningServer:
         return self.process.returncode
 
 
+def _copy_stream(stream, path: Path) -> None:
+    with open(path, "ab", buffering=0) as out:
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            out.write(chunk)
+
+
 class ServerFactory:
     """Starts servers and stops those still running when the module ends."""
 
@@ -144,8 +151,13 @@ class ServerFactory:
         credentials: grpc.ChannelCredentials | None = None,
         tls_server_name: str | None = None,
         env: dict[str, str] | None = None,
+        log_pipe: bool = False,
     ) -> RunningServer:
-        """Starts `python -m service.server` on a free port; waits for SERVING."""
+        """Starts `python -m service.server` on a free port; waits for SERVING.
+
+        With `log_pipe` the server writes its log into a pipe that this process
+        copies to the log file, so the log survives a file size limit put on
+        the server (the disk-full tests)."""
         run_dir = self._tmp.mktemp("server")
         state_dir = state_dir or run_dir / "state"
         port_file = run_dir / "port"
@@ -158,8 +170,14 @@ class ServerFactory:
         process_env = {k: v for k, v in os.environ.items() if not k.startswith("EVOLVE_")}
         process_env.update(env or {})
         process_env.setdefault("JAX_PLATFORMS", "cpu")
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=process_env)
+        if log_pipe:
+            process = subprocess.Popen(
+                command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=process_env
+            )
+            threading.Thread(target=_copy_stream, args=(process.stdout, log_path), daemon=True).start()
+        else:
+            with open(log_path, "wb") as log:
+                process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=process_env)
         server = RunningServer(process, Path(state_dir), log_path, port_file, credentials, tls_server_name)
         self._servers.append(server)
         if wait:

@@ -240,6 +240,7 @@ def test_evolution_service_shape() -> None:
         "WatchEvolution",
         "Predict",
         "GetSystem",
+        "DeleteTask",
     }
     assert methods["WatchEvolution"].server_streaming
     for name in ("SubmitTask", "GetOperation", "CancelOperation", "WaitOperation", "Improve"):

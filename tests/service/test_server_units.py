@@ -106,7 +106,8 @@ def test_access_classes():
     assert access_class("/inference.GRPCInferenceService/ModelInfer") == READ
     assert access_class("/inference.GRPCInferenceService/ServerLive") == OPEN
     assert access_class("/grpc.health.v1.Health/Check") == OPEN
-    assert access_class("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo") == OPEN
+    assert access_class("/evolve.v1.EvolutionService/DeleteTask") == MUTATING
+    assert access_class("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo") == READ
 
 
 def test_bearer_tokens_and_checks():
@@ -122,7 +123,7 @@ def test_bearer_tokens_and_checks():
     assert auth.check(predict, [("authorization", "Bearer read")]) is None
     assert auth.check(predict, [("authorization", "Bearer nope")])[0] == grpc.StatusCode.UNAUTHENTICATED
     token_only = AuthInterceptor("full")
-    assert token_only.check(predict, []) is None  # reads are open without a read token
+    assert token_only.check(predict, [])[0] == grpc.StatusCode.UNAUTHENTICATED  # secure by default
     assert AuthInterceptor(None).check(submit, []) is None
     with pytest.raises(ValueError):
         AuthInterceptor(None, "read")
@@ -204,6 +205,20 @@ class FakeEngine:
     def save(self, *, extra=None):
         self.saved.append(dict(extra if extra is not None else self.extra_state()))
         return len(self.saved)
+
+    def check_storage(self):
+        pass
+
+    def requeued(self, task):
+        if self.status.get(task) == "FAILED":
+            self.status[task] = "PENDING"
+
+    def forget_task(self, name):
+        self.status.pop(name, None)
+
+    def delete_task(self, name):
+        self.task(name)
+        del self.status[name]
 
 
 def _spec(name: str) -> TaskSpec:

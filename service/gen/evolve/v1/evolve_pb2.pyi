@@ -15,6 +15,7 @@ class TaskStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATUS_SEARCHING: _ClassVar[TaskStatus]
     TASK_STATUS_READY: _ClassVar[TaskStatus]
     TASK_STATUS_FAILED: _ClassVar[TaskStatus]
+    TASK_STATUS_DAMAGED: _ClassVar[TaskStatus]
 
 class OperationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +30,7 @@ TASK_STATUS_PENDING: TaskStatus
 TASK_STATUS_SEARCHING: TaskStatus
 TASK_STATUS_READY: TaskStatus
 TASK_STATUS_FAILED: TaskStatus
+TASK_STATUS_DAMAGED: TaskStatus
 OPERATION_STATE_UNSPECIFIED: OperationState
 OPERATION_STATE_QUEUED: OperationState
 OPERATION_STATE_RUNNING: OperationState
@@ -117,7 +119,7 @@ class ComponentRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., locked_by: _Optional[_Iterable[str]] = ..., params: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "status", "best_score", "validation_accuracy", "test_accuracy", "params", "accounted_params", "flops", "path_version", "components", "shares_with", "hparams", "num_classes", "spec", "probes")
+    __slots__ = ("name", "status", "best_score", "validation_accuracy", "test_accuracy", "params", "accounted_params", "flops", "path_version", "components", "shares_with", "hparams", "num_classes", "spec", "probes", "status_message")
     class HparamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +142,7 @@ class Task(_message.Message):
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PROBES_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     status: TaskStatus
     best_score: float
@@ -155,9 +158,22 @@ class Task(_message.Message):
     num_classes: int
     spec: TaskSpec
     probes: _containers.RepeatedCompositeFieldContainer[ParentProbe]
-    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., best_score: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., params: _Optional[int] = ..., accounted_params: _Optional[float] = ..., flops: _Optional[float] = ..., path_version: _Optional[int] = ..., components: _Optional[_Iterable[_Union[ComponentRef, _Mapping]]] = ..., shares_with: _Optional[_Iterable[str]] = ..., hparams: _Optional[_Mapping[str, str]] = ..., num_classes: _Optional[int] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., probes: _Optional[_Iterable[_Union[ParentProbe, _Mapping]]] = ...) -> None: ...
+    status_message: str
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., best_score: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., params: _Optional[int] = ..., accounted_params: _Optional[float] = ..., flops: _Optional[float] = ..., path_version: _Optional[int] = ..., components: _Optional[_Iterable[_Union[ComponentRef, _Mapping]]] = ..., shares_with: _Optional[_Iterable[str]] = ..., hparams: _Optional[_Mapping[str, str]] = ..., num_classes: _Optional[int] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., probes: _Optional[_Iterable[_Union[ParentProbe, _Mapping]]] = ..., status_message: _Optional[str] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteTaskRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteTaskResponse(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
@@ -498,7 +514,7 @@ class SharingEdge(_message.Message):
     def __init__(self, task_a: _Optional[str] = ..., task_b: _Optional[str] = ..., shared_components: _Optional[int] = ...) -> None: ...
 
 class SystemSummary(_message.Message):
-    __slots__ = ("num_tasks", "num_components", "total_params", "params_per_task", "edges", "dot", "checkpoint_step", "root_model", "config_name")
+    __slots__ = ("num_tasks", "num_components", "total_params", "params_per_task", "edges", "dot", "checkpoint_step", "root_model", "config_name", "damaged_tasks")
     class ParamsPerTaskEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -515,6 +531,7 @@ class SystemSummary(_message.Message):
     CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
     ROOT_MODEL_FIELD_NUMBER: _ClassVar[int]
     CONFIG_NAME_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_TASKS_FIELD_NUMBER: _ClassVar[int]
     num_tasks: int
     num_components: int
     total_params: int
@@ -524,4 +541,5 @@ class SystemSummary(_message.Message):
     checkpoint_step: int
     root_model: str
     config_name: str
-    def __init__(self, num_tasks: _Optional[int] = ..., num_components: _Optional[int] = ..., total_params: _Optional[int] = ..., params_per_task: _Optional[_Mapping[str, float]] = ..., edges: _Optional[_Iterable[_Union[SharingEdge, _Mapping]]] = ..., dot: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., root_model: _Optional[str] = ..., config_name: _Optional[str] = ...) -> None: ...
+    damaged_tasks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, num_tasks: _Optional[int] = ..., num_components: _Optional[int] = ..., total_params: _Optional[int] = ..., params_per_task: _Optional[_Mapping[str, float]] = ..., edges: _Optional[_Iterable[_Union[SharingEdge, _Mapping]]] = ..., dot: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., root_model: _Optional[str] = ..., config_name: _Optional[str] = ..., damaged_tasks: _Optional[_Iterable[str]] = ...) -> None: ...

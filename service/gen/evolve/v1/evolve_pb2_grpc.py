@@ -90,6 +90,11 @@ class EvolutionServiceStub(object):
                 request_serializer=evolve_dot_v1_dot_evolve__pb2.GetSystemRequest.SerializeToString,
                 response_deserializer=evolve_dot_v1_dot_evolve__pb2.SystemSummary.FromString,
                 _registered_method=True)
+        self.DeleteTask = channel.unary_unary(
+                '/evolve.v1.EvolutionService/DeleteTask',
+                request_serializer=evolve_dot_v1_dot_evolve__pb2.DeleteTaskRequest.SerializeToString,
+                response_deserializer=evolve_dot_v1_dot_evolve__pb2.DeleteTaskResponse.FromString,
+                _registered_method=True)
 
 
 class EvolutionServiceServicer(object):
@@ -184,6 +189,16 @@ class EvolutionServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteTask(self, request, context):
+        """Removes a task and garbage-collects the components only it used; the
+        removal is on disk before the call returns. Components that other tasks
+        use stay untouched. FAILED_PRECONDITION while an operation of the task
+        is queued or running (cancel it first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EvolutionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,6 +256,11 @@ def add_EvolutionServiceServicer_to_server(servicer, server):
                     servicer.GetSystem,
                     request_deserializer=evolve_dot_v1_dot_evolve__pb2.GetSystemRequest.FromString,
                     response_serializer=evolve_dot_v1_dot_evolve__pb2.SystemSummary.SerializeToString,
+            ),
+            'DeleteTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTask,
+                    request_deserializer=evolve_dot_v1_dot_evolve__pb2.DeleteTaskRequest.FromString,
+                    response_serializer=evolve_dot_v1_dot_evolve__pb2.DeleteTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -541,6 +561,33 @@ class EvolutionService(object):
             '/evolve.v1.EvolutionService/GetSystem',
             evolve_dot_v1_dot_evolve__pb2.GetSystemRequest.SerializeToString,
             evolve_dot_v1_dot_evolve__pb2.SystemSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evolve.v1.EvolutionService/DeleteTask',
+            evolve_dot_v1_dot_evolve__pb2.DeleteTaskRequest.SerializeToString,
+            evolve_dot_v1_dot_evolve__pb2.DeleteTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
