@@ -161,6 +161,7 @@ def _manifest(system: System, extra: Mapping[str, Any]) -> dict[str, Any]:
                 "spec": spec_to_dict(r.spec), "status": r.status.value, "num_classes": r.num_classes,
                 "class_names": list(r.class_names), "message": r.message,
                 "probes": [dataclasses.asdict(p) for p in r.probes],
+                "examples": list(r.examples) if r.examples else None,
             }
             for name, r in system.tasks.items()
         },
@@ -240,6 +241,7 @@ def _system_from_manifest(state_dir: str, manifest: Mapping[str, Any]) -> System
             spec=spec_from_dict(r["spec"]), status=TaskStatus(r["status"]), num_classes=r["num_classes"],
             class_names=tuple(r["class_names"]), message=r["message"],
             probes=tuple(ParentProbe(**p) for p in r.get("probes", ())),
+            examples=tuple(r["examples"]) if r.get("examples") else None,
         )
         for name, r in manifest["tasks"].items()
     }

@@ -19,7 +19,7 @@ import numpy as np
 
 from evolve import checkpoint, statedir
 from evolve.config import SearchConfig
-from evolve.data import TaskData, load_task_data, preprocess_eval
+from evolve.data import DataLimits, TaskData, check_task_source, load_task_data, preprocess_eval
 from evolve.data.arrays import ValidationSplit
 from evolve.errors import (
     AlreadyExistsError,
@@ -55,6 +55,7 @@ class EngineOptions:
     seed: int = 0
     max_compiled_structures: int = 64  # compiled train/eval steps kept between searches
     min_free_bytes: int = 256 << 20  # new work is refused while the state disk has less free
+    data_limits: DataLimits = DataLimits()  # what loading a task's data may cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,19 +211,19 @@ class Engine:
     # ---- tasks ---------------------------------------------------------------
 
     def add_task(self, spec: TaskSpec) -> TaskInfo:
-        """Registers a new task (PENDING) after loading and validating its data."""
+        """Registers a new task (PENDING) after cheap checks of its spec.
+
+        No data is loaded here (DESIGN §7): the task's search loads it, so a
+        request never waits on a dataset, and bad contents fail the search."""
         validate_task_name(spec.name, "spec.name")
         with self._lock:
             if spec.name in self.system.tasks:
                 raise AlreadyExistsError("task", spec.name)
-        data = self._load(spec)
+        check_task_source(spec, data_roots=self.options.data_roots, limits=self.options.data_limits)
         with self._lock:
             if spec.name in self.system.tasks:
                 raise AlreadyExistsError("task", spec.name)
-            self.system.tasks[spec.name] = TaskRecord(
-                spec=spec, num_classes=data.num_classes, class_names=tuple(data.class_names)
-            )
-            self._data[spec.name] = data
+            self.system.tasks[spec.name] = TaskRecord(spec=spec)
             return self._task_info(spec.name)
 
     def task(self, name: str) -> TaskInfo:
@@ -279,15 +280,27 @@ class Engine:
             statedir.check_free_space(self.state_dir, self.options.min_free_bytes)
 
     def _task_data(self, task: str) -> TaskData:
-        if task not in self._data:
-            self._data[task] = self._load(self.system.tasks[task].spec)
-        return self._data[task]
+        """The task's data, loaded on first use (in its search, never in a request)."""
+        data = self._data.get(task)
+        if data is None:
+            with self._lock:
+                spec = self.system.tasks[task].spec
+            data = self._load(spec)  # outside the lock: loading may take minutes
+            with self._lock:
+                record = self.system.tasks.get(task)
+                if record is None:
+                    raise NotFoundError("task", task)
+                record.num_classes, record.class_names = data.num_classes, tuple(data.class_names)
+                record.examples = (len(data.train), len(data.validation))
+                self._data[task] = data
+        return data
 
     def _load(self, spec: TaskSpec) -> TaskData:
         config = self.system.config
         return load_task_data(
             spec, data_roots=self.options.data_roots, max_train_examples=self.options.max_train_examples,
             validation_split=ValidationSplit(config.validation_fraction, config.min_validation_examples),
+            limits=self.options.data_limits,
         )
 
     # ---- searches ----------------------------------------------------------
@@ -327,6 +340,8 @@ class Engine:
             seed = self.options.seed * 1_000_003 + self._searches_run if seed is None else seed
         try:
             data = self._task_data(task)
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("cancelled while its data loaded")
             best = self._search(task, kind, data, seed=seed, cancel=cancel, emit=emit)
         except CancelledError:
             self._abandon_search(task, failed="cancelled before it had a model")
@@ -337,6 +352,7 @@ class Engine:
             emit(SearchFinished(task, "", 0.0, 0.0, 0.0, "FAILED", str(error)))
             raise
         finally:
+            self._data.pop(task, None)  # a search's data lives as long as the search
             if steps.trim_compiled_steps(self.options.max_compiled_structures):
                 logger.info("dropped compiled train steps (more than %d structures cached)",
                             self.options.max_compiled_structures)
@@ -367,16 +383,20 @@ class Engine:
             self.system.populations[task] = [keep.id] if keep else []
             self.system.collect_garbage()
 
-    def search_plan(self, task: str, kind: str = EXTENSION) -> SearchPlan:
-        """The budget a search of `task` will get (shown before it runs)."""
+    def search_plan(self, task: str, kind: str = EXTENSION) -> SearchPlan | None:
+        """The budget a search of `task` will get; None while its data has
+        never been loaded (the plan is then known when its search starts)."""
         with self._lock:
             if task not in self.system.tasks:
                 raise NotFoundError("task", task)
-            spec = self.system.tasks[task].spec
-        data = self._task_data(task)
+            record = self.system.tasks[task]
+            data = self._data.get(task)
+            examples = (len(data.train), len(data.validation)) if data is not None else record.examples
+        if not examples:
+            return None
         return search_plan(
-            self.system.config, spec.budget, kind=kind, train_examples=len(data.train),
-            validation_examples=len(data.validation), num_devices=len(self.devices),
+            self.system.config, record.spec.budget, kind=kind, train_examples=examples[0],
+            validation_examples=examples[1], num_devices=len(self.devices),
         )
 
     def _search(
@@ -460,7 +480,7 @@ class Engine:
                 if record.status == TaskStatus.DAMAGED:
                     raise FailedPreconditionError("TASK_DAMAGED", f"task {task!r} is damaged: {record.message}")
             raise FailedPreconditionError("TASK_NOT_READY", f"task {task!r} has no trained path yet")
-        batch = _as_uint8_images(images, self.options.max_predict_batch)
+        batch = _as_uint8_images(images, self.options.max_predict_batch, self.options.data_limits.max_image_side)
         inputs = preprocess_eval(batch, served.structure.image_size)
         bucket = _bucket(len(inputs))
         padded = np.zeros((bucket,) + inputs.shape[1:], np.float32)
@@ -540,7 +560,7 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _as_uint8_images(images: np.ndarray, max_batch: int) -> np.ndarray:
+def _as_uint8_images(images: np.ndarray, max_batch: int, max_side: int) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4:
         raise InvalidArgumentError("inputs.shape", f"expected N x H x W x C images, got shape {images.shape}")
@@ -550,8 +570,8 @@ def _as_uint8_images(images: np.ndarray, max_batch: int) -> np.ndarray:
         raise ResourceExhaustedError(f"batch of {images.shape[0]} images exceeds the limit of {max_batch}")
     if images.shape[-1] not in (1, 3):
         raise InvalidArgumentError("inputs.shape", f"expected 1 or 3 channels, got {images.shape[-1]}")
-    if min(images.shape[1:3]) < 1 or max(images.shape[1:3]) > 4096:
-        raise InvalidArgumentError("inputs.shape", f"image sides must be 1..4096, got {images.shape[1:3]}")
+    if min(images.shape[1:3]) < 1 or max(images.shape[1:3]) > max_side:
+        raise InvalidArgumentError("inputs.shape", f"image sides must be 1..{max_side}, got {images.shape[1:3]}")
     if images.dtype == np.uint8:
         pass
     elif np.issubdtype(images.dtype, np.floating):

@@ -31,6 +31,8 @@ class TaskRecord:
     message: str = ""
     # The probes of the task's extension search: why its first parents were chosen.
     probes: tuple[ParentProbe, ...] = ()
+    # (train, validation) examples, known once its data has loaded.
+    examples: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

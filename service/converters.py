@@ -163,7 +163,16 @@ def _budget_from_proto(budget: evolve_pb2.SearchBudget, field: str) -> SearchBud
     return SearchBudget(**values)
 
 
-def spec_error_field(field: str, spec: evolve_pb2.TaskSpec, prefix: str = "spec") -> str:
+# The TaskSpec oneof field of each source kind.
+SOURCE_FIELDS = {TfdsSource: "tfds", NpzSource: "npz", ImageFolderSource: "image_folder", BundledSource: "bundled"}
+
+
+def with_spec_field(error: InvalidArgumentError, spec: TaskSpec) -> InvalidArgumentError:
+    """The same error with its field relative to the request (see spec_error_field)."""
+    return InvalidArgumentError(spec_error_field(error.field, spec), error.description)
+
+
+def spec_error_field(field: str, spec: TaskSpec, prefix: str = "spec") -> str:
     """The request field of an error the data layer reports about a spec.
 
     The library names fields relative to the TaskSpec ("source.name",
@@ -171,7 +180,7 @@ def spec_error_field(field: str, spec: evolve_pb2.TaskSpec, prefix: str = "spec"
     """
     if field == prefix or field.startswith(prefix + "."):
         return field
-    kind = spec.WhichOneof("source") or "source"
+    kind = SOURCE_FIELDS.get(type(spec.source), "source")
     if field == "source" or field.startswith("source."):
         return f"{prefix}.{kind}{field[len('source'):]}"
     return f"{prefix}.{field}"

@@ -39,6 +39,7 @@ from evolve.errors import (
 )
 from evolve.search.budget import EXTENSION, GENERALIZATION, SearchPlan
 from evolve.types import TaskSpec
+from service import converters
 from service.errors import UnavailableError, status_of
 from service.event_log import EventLog
 
@@ -475,6 +476,8 @@ class Jobs:
             return CANCELLED, OperationError(code_pb2.CANCELLED, str(error) or "cancelled")
         except EvolveError as error:
             logger.warning("%s failed: %s", record.name, error)
+            if isinstance(error, InvalidArgumentError) and record.task:  # bad data found while loading
+                error = converters.with_spec_field(error, self._engine.task(record.task).spec)
             return FAILED, OperationError.of(error)
         except Exception as error:
             logger.exception("%s failed unexpectedly", record.name)

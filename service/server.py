@@ -59,6 +59,8 @@ class ServerOptions:
     startup_delay_seconds: float = 0.0  # for tests of the NOT_SERVING phase
     min_free_mb: int = 256  # new work is refused while the state disk has less free
     max_waits_per_client: int = 0  # WaitOperation + WatchEvolution per client host; 0: workers / 4
+    max_data_mb: int = 4096  # decoded size one task source may have
+    allow_download: bool = False  # tfds sources may download and prepare datasets
 
 
 # ---- flags ---------------------------------------------------------------------------
@@ -139,6 +141,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="WaitOperation and WatchEvolution calls one client host may hold at once; all clients together "
              "hold at most --workers / 2, so Predict and health always find a thread; 0: --workers / 4 "
              "[EVOLVE_MAX_WAITS_PER_CLIENT, %(default)s]")
+    add("--max-data-mb", type=int, default=int(_env("MAX_DATA_MB", defaults.max_data_mb)),
+        help="largest decoded size of one task's data (npz arrays, image folders, tfds images as uint8 RGB); "
+             "checked from headers before decoding [EVOLVE_MAX_DATA_MB, %(default)s]")
+    add("--allow-download", action=argparse.BooleanOptionalAction,
+        default=_env("ALLOW_DOWNLOAD", "").lower() in ("1", "true", "yes"),
+        help="let tfds sources download and prepare datasets that are not prepared yet (in the task's "
+             "operation, bounded by --max-data-mb and --min-free-mb); off: such a task fails at once "
+             "[EVOLVE_ALLOW_DOWNLOAD, off]")
     add("--min-free-mb", type=int, default=int(_env("MIN_FREE_MB", defaults.min_free_mb)),
         help="refuse new tasks and improvements (RESOURCE_EXHAUSTED) while the state disk has less than this "
              "free; 0 = no reserve [EVOLVE_MIN_FREE_MB, %(default)s]")
@@ -199,7 +209,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         max_train_examples=args.max_train_examples, seed=args.seed, grace_seconds=args.grace_seconds,
         workers=args.workers, compilation_cache_dir=args.compilation_cache_dir, port_file=args.port_file,
         log_level=args.log_level, startup_delay_seconds=args.startup_delay_seconds, min_free_mb=args.min_free_mb,
-        max_waits_per_client=args.max_waits_per_client,
+        max_waits_per_client=args.max_waits_per_client, max_data_mb=args.max_data_mb,
+        allow_download=bool(args.allow_download),
     )
     validate_options(options)
     return options
@@ -211,6 +222,8 @@ def validate_options(options: ServerOptions) -> None:
     for name in ("max_queue", "max_batch", "max_message_mb", "workers"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if options.max_data_mb < 1:
+        raise ValueError("--max-data-mb must be at least 1")
     if options.max_waits_per_client < 0:
         raise ValueError("--max-waits-per-client must not be negative")
     if options.min_free_mb < 0:
@@ -522,6 +535,7 @@ def load_backend(options: ServerOptions):
     import jax  # noqa: PLC0415 (after configure_devices)
 
     from evolve import statedir
+    from evolve.data import DataLimits
     from evolve.engine import Engine, EngineOptions, enable_compilation_cache
     from service.event_log import EventLog
     from service.jobs import Jobs, event_log_start
@@ -542,6 +556,7 @@ def load_backend(options: ServerOptions):
     engine_options = EngineOptions(
         data_roots=options.data_roots, max_predict_batch=options.max_batch,
         max_train_examples=options.max_train_examples, seed=options.seed, min_free_bytes=options.min_free_mb << 20,
+        data_limits=DataLimits(max_decompressed_bytes=options.max_data_mb << 20, allow_download=options.allow_download),
     )
     engine = Engine.restore(state_dir, devices=devices, options=engine_options)
     fresh = engine is None

@@ -149,9 +149,7 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
         try:
             record = loaded.jobs.submit(spec, request_id)
         except InvalidArgumentError as error:  # the data layer names spec-relative fields
-            raise InvalidArgumentError(
-                converters.spec_error_field(error.field, request.spec), error.description
-            ) from None
+            raise converters.with_spec_field(error, spec) from None
         return self._operation(loaded, record)
 
     def GetOperation(self, request, context):

@@ -22,6 +22,13 @@ Kill moments (MODES, in rounds, plus one while the server is still loading):
   reuses the component ids the killed one had written.
 Each kill is classified afterwards from what it left in the state directory
 and from what the next restart logged.
+
+Then the paths of durability round 2 (issue 9): a kill as DeleteTask commits
+(the task is afterwards READY as before or gone), and a kill while a server
+starts on a state with a missing component (degraded start: the next start
+serves every other task unchanged and reports that one DAMAGED, and improve
+rebuilds it). Every restart also proves the kernel dropped the killed
+process's state-directory lock.
 """
 
 from __future__ import annotations
@@ -250,6 +257,8 @@ class KillTest:
         self.interrupted: set[str] = set()
         self.seen_ready: set[str] = set()
         self.ready_lost: list[str] = []
+        self.deleted: set[str] = set()  # tasks removed by DeleteTask
+        self.damaged: set[str] = set()  # tasks whose component was removed on purpose
 
     # -- starting and checking ----------------------------------------------------------
 
@@ -286,6 +295,8 @@ class KillTest:
             assert tasks[name].path_version == version, (name, tasks[name].path_version, version)
             assert self.predict(stub, name) == probabilities, f"predictions of {name} changed"
         for name, operation in operations.items():
+            if operation.metadata.task in self.deleted | self.damaged:
+                continue
             if operation.done and operation.metadata.state == evolve_pb2.OPERATION_STATE_SUCCEEDED:
                 task = operation.metadata.task
                 assert tasks[task].status == evolve_pb2.TASK_STATUS_READY, f"{name} SUCCEEDED but {task} is not READY"
@@ -485,6 +496,76 @@ class KillTest:
             assert server.stop() == 0
         return {"finish_seconds": round(finish_seconds, 1), "tasks": len(tasks)}
 
+    # -- the paths of durability round 2 (issue 9) ------------------------------------------------
+
+    def kill_during_delete(self) -> dict:
+        """kill -9 as DeleteTask's checkpoint commits: afterwards the task is
+        either READY exactly as before or gone, and no other task changed."""
+        victim = sorted(self.completed)[-1]
+        server = self.start()
+        with server.channel() as channel:
+            stub = evolve_pb2_grpc.EvolutionServiceStub(channel)
+            self.check_restart(server, stub)
+            before = _entries(self.state / "manifest")
+            call = stub.DeleteTask.future(evolve_pb2.DeleteTaskRequest(name=victim), timeout=TIMEOUT)
+            _wait_until(lambda: bool(_entries(self.state / "manifest") - before) or call.done(), 60,
+                        what="the delete's checkpoint")
+            time.sleep(self.rng.uniform(0.0, 0.004))
+            acknowledged = call.done() and call.exception() is None
+            _kill(server)
+        server = self.start()
+        with server.channel() as channel:
+            stub = evolve_pb2_grpc.EvolutionServiceStub(channel)
+            names = {t.name for t in stub.ListTasks(evolve_pb2.ListTasksRequest(page_size=1000), timeout=5).tasks}
+            deleted = victim not in names
+            if deleted:  # its operations stay listed
+                del self.completed[victim]
+                self.seen_ready.discard(victim)
+                self.deleted.add(victim)
+            assert deleted or not acknowledged, f"DeleteTask of {victim} answered OK but the task is back"
+            self.expected_step = None
+            self.check_restart(server, stub)  # every other task (and the victim, if kept) as before
+            assert server.stop() == 0
+        return {"mode": "delete", "task": victim, "deleted": deleted, "acknowledged": acknowledged}
+
+    def kill_during_degraded_start(self) -> dict:
+        """A component only one task uses goes missing; a server starting on
+        that state is killed while it loads, then started again: it serves
+        every other task unchanged, reports that one DAMAGED, and `improve`
+        rebuilds it. The state-directory lock of each killed process is gone
+        with it (every restart here takes it again)."""
+        server = self.start()
+        with server.channel() as channel:
+            stub = evolve_pb2_grpc.EvolutionServiceStub(channel)
+            tasks = {t.name: t for t in stub.ListTasks(evolve_pb2.ListTasksRequest(page_size=1000), timeout=5).tasks}
+            assert server.stop() == 0
+        victim, component = next((t, c.id) for t in sorted(self.completed) for c in tasks[t].components
+                                 if set(c.locked_by) == {t})
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(self.state / "components" / component)
+        loading = self.kill_while_loading()
+        server = self.start()
+        with server.channel() as channel:
+            stub = evolve_pb2_grpc.EvolutionServiceStub(channel)
+            version, _ = self.completed.pop(victim)
+            self.seen_ready.discard(victim)
+            self.damaged.add(victim)
+            self.check_restart(server, stub)
+            task = stub.GetTask(evolve_pb2.GetTaskRequest(name=victim), timeout=TIMEOUT)
+            assert task.status == evolve_pb2.TASK_STATUS_DAMAGED and component in task.status_message
+            operation = stub.Improve(evolve_pb2.ImproveRequest(task=victim), timeout=TIMEOUT)
+            operation = stub.WaitOperation(evolve_pb2.WaitOperationRequest(name=operation.name, timeout_seconds=240),
+                                           timeout=250)
+            assert operation.done and not operation.HasField("error"), operation
+            self.submitted.append(victim)  # its rebuild is an operation of it too
+            self.damaged.discard(victim)
+            self.check_restart(server, stub)
+            assert self.completed[victim][0] > version
+            assert server.stop() == 0
+        return {"mode": "degraded start", "task": victim, "component": component,
+                "serving_before_kill": loading["serving_before_kill"]}
+
 
 @pytest.fixture(scope="module")
 def factory(tmp_path_factory):
@@ -503,6 +584,7 @@ def test_kill_9_loses_nothing(factory, tmp_path, record_property):
     for mode in modes:
         kill.trial(mode)
     final = kill.finish()
+    final["round_2"] = [kill.kill_during_delete(), kill.kill_during_degraded_start()]
     hits: dict[str, int] = {}
     for trial in kill.trials:
         hits[trial["hit"]] = hits.get(trial["hit"], 0) + 1

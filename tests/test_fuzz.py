@@ -78,6 +78,7 @@ METHODS = {
     EVOLVE + "WatchEvolution": (evolve_pb2.WatchEvolutionRequest, True),
     EVOLVE + "Predict": (evolve_pb2.PredictRequest, False),
     EVOLVE + "GetSystem": (evolve_pb2.GetSystemRequest, False),
+    EVOLVE + "DeleteTask": (evolve_pb2.DeleteTaskRequest, False),
     INFER + "ServerLive": (infer_pb2.ServerLiveRequest, False),
     INFER + "ServerReady": (infer_pb2.ServerReadyRequest, False),
     INFER + "ModelReady": (infer_pb2.ModelReadyRequest, False),
@@ -311,6 +312,9 @@ class Generator:
             return request
         if name == "GetTask":
             return evolve_pb2.GetTaskRequest(name=s())
+        if name == "DeleteTask":  # never the fuzz server's own tasks: later checks predict with them
+            task = s()
+            return evolve_pb2.DeleteTaskRequest(name=f"x{task}" if task.startswith("digits") else task)
         if name == "Improve":
             return evolve_pb2.ImproveRequest(task=s(), request_id=rng.choice(["", s(), "r" * 300]))
         if name == "WatchEvolution":

@@ -10,7 +10,7 @@ rule of evolve.types.validate_task_name.
 from evolve.data.bundled import BUNDLED_TASKS, bundled_task_specs
 from evolve.data.dataset import ImageSet, TaskData
 from evolve.data.limits import DataLimits
-from evolve.data.loader import load_task_data
+from evolve.data.loader import check_task_source, load_task_data
 from evolve.data.npz import write_npz_task
 from evolve.data.preprocess import batch_iterator, preprocess_eval, preprocess_train
 
@@ -21,6 +21,7 @@ __all__ = [
     "TaskData",
     "batch_iterator",
     "bundled_task_specs",
+    "check_task_source",
     "load_task_data",
     "preprocess_eval",
     "preprocess_train",

@@ -130,3 +130,36 @@ def test_gif_sent_to_predict_is_invalid_and_the_server_still_serves(server, stub
     assert _fields(status.details) == ["encoded.images[0]"]
     assert "GIF" in raised.value.details()
     _assert_still_serving(server, stub)
+
+
+def test_an_unprepared_tfds_dataset_fails_its_operation_not_the_request(server, stub, tmp_path):
+    """SubmitTask only checks the spec: it answers within a short client
+    deadline, other submits are not held up, and the operation (which loads
+    the data) fails FAILED_PRECONDITION because downloads are off."""
+    empty = tmp_path / "tfds"
+    empty.mkdir()
+    spec = evolve_pb2.TaskSpec(name="unprepared", tfds=evolve_pb2.TfdsSource(name="mnist", data_dir=str(empty)))
+    started = time.monotonic()
+    operation = stub.SubmitTask(evolve_pb2.SubmitTaskRequest(spec=spec), timeout=3.0)
+    other = stub.SubmitTask(
+        evolve_pb2.SubmitTaskRequest(spec=evolve_pb2.TaskSpec(name="other", bundled=evolve_pb2.BundledSource(
+            name="digits_parity"))), timeout=3.0,
+    )
+    assert time.monotonic() - started < 6.0
+    while not operation.done:
+        request = evolve_pb2.WaitOperationRequest(name=operation.name, timeout_seconds=10)
+        operation = stub.WaitOperation(request, timeout=TIMEOUT)
+    assert operation.error.code == code_pb2.FAILED_PRECONDITION, operation.error
+    assert "--allow-download" in operation.error.message
+    task = stub.GetTask(evolve_pb2.GetTaskRequest(name="unprepared"), timeout=TIMEOUT)
+    assert task.status == evolve_pb2.TASK_STATUS_FAILED and "not prepared" in task.status_message
+    stub.CancelOperation(evolve_pb2.CancelOperationRequest(name=other.name), timeout=TIMEOUT)
+    for name in ("unprepared", "other"):
+        while True:  # the cancelled search may still be stopping
+            try:
+                stub.DeleteTask(evolve_pb2.DeleteTaskRequest(name=name), timeout=TIMEOUT)
+                break
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+                time.sleep(0.2)
+    _assert_still_serving(server, stub)

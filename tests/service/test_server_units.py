@@ -335,7 +335,7 @@ def test_task_specs_round_trip(spec):
 
 
 def test_spec_error_fields_are_relative_to_the_request():
-    proto = evolve_pb2.TaskSpec(name="t", tfds=evolve_pb2.TfdsSource(name="x"))
+    proto = TaskSpec("t", TfdsSource(name="x"))
     assert converters.spec_error_field("source.name", proto) == "spec.tfds.name"
     assert converters.spec_error_field("name", proto) == "spec.name"
     assert converters.spec_error_field("spec.name", proto) == "spec.name"
