@@ -252,6 +252,8 @@ class Engine:
         with self._lock:
             if name not in self.system.tasks:
                 raise NotFoundError("task", name)
+            if self.system.tasks[name].status == TaskStatus.SEARCHING:
+                raise FailedPreconditionError("TASK_BUSY", f"task {name!r} is being searched; cancel it first")
             before = self.system.snapshot()
             for mapping in (self.system.tasks, self.system.best, self.system.damaged_best, self.system.populations):
                 mapping.pop(name, None)
