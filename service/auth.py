@@ -7,10 +7,13 @@ the probes. Three classes of RPC:
   ServerLive and ServerReady. Probes (Kubernetes, load balancers, Docker's
   HEALTHCHECK) carry no credentials, and these answers reveal nothing but
   "up" and "ready".
-- mutating: SubmitTask, Improve, CancelOperation and DeleteTask, and, so that
-  a new RPC is never weaker by accident, any method whose name starts with
-  Cancel, Create, Delete, Submit or Update. They need the full token.
-- read: everything else, predictions, every Get / List / Watch / Wait, model
+- mutating: SubmitTask, Improve, CancelOperation, DeleteOperation and
+  DeleteTask, google.longrunning.Operations' CancelOperation and
+  DeleteOperation, and, so that a new RPC is never weaker by accident, any
+  method whose name starts with Cancel, Create, Delete, Submit or Update.
+  They need the full token.
+- read: everything else, predictions, every Get / List / Watch / Wait (of
+  google.longrunning.Operations too), model
   metadata and server reflection (it reveals only the API, but "every RPC
   but health" is the rule; grpcurl then needs `-H 'authorization: Bearer
   <token>'`). They need the full token or the read token; they are open only
@@ -35,9 +38,12 @@ logger = logging.getLogger(__name__)
 EVOLUTION_SERVICE = "evolve.v1.EvolutionService"
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
+LONGRUNNING_SERVICE = "google.longrunning.Operations"
 
 MUTATING_METHODS = frozenset(
-    f"/{EVOLUTION_SERVICE}/{name}" for name in ("SubmitTask", "Improve", "CancelOperation", "DeleteTask")
+    [f"/{EVOLUTION_SERVICE}/{name}" for name in ("SubmitTask", "Improve", "CancelOperation", "DeleteOperation",
+                                                  "DeleteTask")]
+    + [f"/{LONGRUNNING_SERVICE}/{name}" for name in ("CancelOperation", "DeleteOperation")]
 )
 MUTATING_VERBS = ("Cancel", "Create", "Delete", "Submit", "Update")
 OPEN_METHODS = frozenset(f"/{INFERENCE_SERVICE}/{name}" for name in ("ServerLive", "ServerReady"))

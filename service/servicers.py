@@ -17,7 +17,7 @@ import numpy as np
 
 import evolve
 from evolve.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
-from service import converters
+from service import converters, operation_filter
 from service.errors import UnavailableError
 from service.event_log import EventLog
 from service.gen.evolve.v1 import evolve_pb2, evolve_pb2_grpc
@@ -129,6 +129,26 @@ def predict(engine: Any, task: str, images: np.ndarray, version: str = "", field
     return prediction
 
 
+def wait_seconds(request: evolve_pb2.WaitOperationRequest) -> float:
+    """How long a WaitOperation may wait: `timeout` (a Duration; zero: not at
+    all) or the deprecated `timeout_seconds` (0: the maximum), at most
+    MAX_WAIT_SECONDS either way."""
+    if request.HasField("timeout"):
+        if request.timeout_seconds:
+            raise InvalidArgumentError(
+                "timeout_seconds", "give `timeout` or the deprecated `timeout_seconds`, not both"
+            )
+        seconds, nanos = request.timeout.seconds, request.timeout.nanos
+        if abs(nanos) > 999_999_999 or (seconds and nanos and (seconds < 0) != (nanos < 0)):
+            raise InvalidArgumentError("timeout", f"not a valid Duration (seconds={seconds}, nanos={nanos})")
+        if seconds < 0 or nanos < 0:
+            raise InvalidArgumentError("timeout", f"must not be negative, got {seconds + nanos / 1e9:g} s")
+        return min(seconds + nanos / 1e9, MAX_WAIT_SECONDS)
+    if not request.timeout_seconds >= 0:  # NaN as well
+        raise InvalidArgumentError("timeout_seconds", f"must be a non-negative number, got {request.timeout_seconds}")
+    return min(request.timeout_seconds or MAX_WAIT_SECONDS, MAX_WAIT_SECONDS)
+
+
 class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
     def __init__(self, backend: Backend):
         self._backend = backend
@@ -158,7 +178,9 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
 
     def ListOperations(self, request, context):
         loaded = self._backend.require()
-        records, token = converters.page(loaded.jobs.list(request.task), request.page_size, request.page_token)
+        wanted = operation_filter.list_filter(request.filter, request.task)
+        records = [record for record in loaded.jobs.list() if wanted.matches(record)]
+        records, token = converters.page(records, request.page_size, request.page_token)
         return evolve_pb2.ListOperationsResponse(
             operations=[self._operation(loaded, r) for r in records], next_page_token=token
         )
@@ -169,11 +191,7 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
 
     def WaitOperation(self, request, context):
         loaded = self._backend.require()
-        if not request.timeout_seconds >= 0:  # NaN as well
-            raise InvalidArgumentError(
-                "timeout_seconds", f"must be a non-negative number, got {request.timeout_seconds}"
-            )
-        timeout = min(request.timeout_seconds or MAX_WAIT_SECONDS, MAX_WAIT_SECONDS)
+        timeout = wait_seconds(request)
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = min(timeout, max(remaining - 0.2, 0.0))  # answer before the deadline
@@ -181,6 +199,11 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
         with self._backend.long_calls.hold(context.peer(), "WaitOperation"):
             record = loaded.jobs.wait(request.name, timeout, keep_waiting=context.is_active)
         return self._operation(loaded, record)
+
+    def DeleteOperation(self, request, context):
+        loaded = self._backend.require()
+        loaded.jobs.delete_operation(request.name)
+        return evolve_pb2.DeleteOperationResponse(name=request.name)
 
     def GetTask(self, request, context):
         loaded = self._backend.require()

@@ -37,6 +37,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.longrunning import operations_pb2
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
@@ -65,6 +67,7 @@ OK_SHARE = 0.15  # at most this share of the random requests may be valid
 
 EVOLVE = "/evolve.v1.EvolutionService/"
 INFER = "/inference.GRPCInferenceService/"
+LRO = "/google.longrunning.Operations/"
 # method -> (request type, server-streaming?)
 METHODS = {
     EVOLVE + "SubmitTask": (evolve_pb2.SubmitTaskRequest, False),
@@ -72,6 +75,7 @@ METHODS = {
     EVOLVE + "ListOperations": (evolve_pb2.ListOperationsRequest, False),
     EVOLVE + "CancelOperation": (evolve_pb2.CancelOperationRequest, False),
     EVOLVE + "WaitOperation": (evolve_pb2.WaitOperationRequest, False),
+    EVOLVE + "DeleteOperation": (evolve_pb2.DeleteOperationRequest, False),
     EVOLVE + "GetTask": (evolve_pb2.GetTaskRequest, False),
     EVOLVE + "ListTasks": (evolve_pb2.ListTasksRequest, False),
     EVOLVE + "Improve": (evolve_pb2.ImproveRequest, False),
@@ -85,6 +89,11 @@ METHODS = {
     INFER + "ServerMetadata": (infer_pb2.ServerMetadataRequest, False),
     INFER + "ModelMetadata": (infer_pb2.ModelMetadataRequest, False),
     INFER + "ModelInfer": (infer_pb2.ModelInferRequest, False),
+    LRO + "GetOperation": (operations_pb2.GetOperationRequest, False),
+    LRO + "ListOperations": (operations_pb2.ListOperationsRequest, False),
+    LRO + "CancelOperation": (operations_pb2.CancelOperationRequest, False),
+    LRO + "DeleteOperation": (operations_pb2.DeleteOperationRequest, False),
+    LRO + "WaitOperation": (operations_pb2.WaitOperationRequest, False),
 }
 EMPTY_REQUESTS = {EVOLVE + "GetSystem", INFER + "ServerLive", INFER + "ServerReady", INFER + "ServerMetadata"}
 FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
@@ -234,6 +243,21 @@ class Generator:
         count = self.rng.choice([0, 1, 1, 2, 3, 70])
         return evolve_pb2.EncodedImages(images=[self.rng.choice(options)() for _ in range(count)])
 
+    def duration(self) -> duration_pb2.Duration:
+        """Valid, negative, out-of-range and mixed-sign Durations (at most ~2 s when valid)."""
+        seconds = self.rng.choice([0, 0, 1, 2, -1, 2**40, -(2**62), 315_576_000_001])
+        nanos = self.rng.choice([0, 0, 5, 500_000_000, -1, 999_999_999, 10**9, -(2**31)])
+        return duration_pb2.Duration(seconds=seconds, nanos=nanos)
+
+    def operation_filter(self) -> str:
+        roll = self.rng.random()
+        if roll < 0.5:
+            return self.string()
+        terms = [f'{self.rng.choice(["task", "done", "state", "kind", "name", "AND", "("])}'
+                 f' {self.rng.choice(["=", "!=", ":", "", "=="])} {self.rng.choice([self.string(), "true", "x"])}'
+                 for _ in range(self.rng.randrange(1, 4))]
+        return self.rng.choice([" AND ", " OR ", " "]).join(terms)
+
     def spec(self) -> evolve_pb2.TaskSpec:
         spec = evolve_pb2.TaskSpec()
         if self.rng.random() < 0.9:
@@ -301,14 +325,23 @@ class Generator:
         rng, s = self.rng, self.string
         if name == "SubmitTask":
             return evolve_pb2.SubmitTaskRequest(spec=self.spec(), request_id=rng.choice(["", s(), "r" * 300]))
-        if name in ("GetOperation", "CancelOperation"):
+        if name in ("GetOperation", "CancelOperation", "DeleteOperation"):
             return METHODS[method][0](name=s())
         if name == "WaitOperation":
-            return evolve_pb2.WaitOperationRequest(name=s(), timeout_seconds=rng.choice(self.floats))
+            request = METHODS[method][0](name=s())
+            if method.startswith(EVOLVE) and rng.random() < 0.5:
+                request.timeout_seconds = rng.choice(self.floats)
+            if method.startswith(LRO) or rng.random() < 0.5:
+                request.timeout.CopyFrom(self.duration())
+            return request
         if name in ("ListOperations", "ListTasks"):
             request = METHODS[method][0](page_size=rng.choice(self.int32), page_token=s())
             if name == "ListOperations":
-                request.task = s()
+                request.filter = self.operation_filter()
+                if method.startswith(EVOLVE) and rng.random() < 0.3:
+                    request.task = s()
+                if method.startswith(LRO) and rng.random() < 0.3:
+                    request.name = s()
             return request
         if name == "GetTask":
             return evolve_pb2.GetTaskRequest(name=s())
@@ -509,6 +542,23 @@ def targeted(files: dict[str, str]) -> list[tuple[str, str, bytes, set[grpc.Stat
     add("improve unknown task", "Improve", evolve_pb2.ImproveRequest(task="../etc"), {grpc.StatusCode.NOT_FOUND})
     add("operation name traversal", "GetOperation", evolve_pb2.GetOperationRequest(name="operations/../1"),
         {grpc.StatusCode.NOT_FOUND})
+    add("wait negative Duration", "WaitOperation",
+        evolve_pb2.WaitOperationRequest(name="operations/1", timeout=duration_pb2.Duration(seconds=-1)))
+    add("wait Duration and timeout_seconds", "WaitOperation", evolve_pb2.WaitOperationRequest(
+        name="operations/1", timeout=duration_pb2.Duration(seconds=1), timeout_seconds=1))
+    add("standard wait mixed-sign Duration", LRO + "WaitOperation", operations_pb2.WaitOperationRequest(
+        name="operations/1", timeout=duration_pb2.Duration(seconds=1, nanos=-1)))
+    add("list filter and task", "ListOperations", evolve_pb2.ListOperationsRequest(task="digits", filter="done = true"))
+    for text in ('task != "digits"', "done = maybe", "(done = true)", 'task = "x" OR done = true', 'task = "x',
+                 "state = PAUSED", "x" * 5000):
+        add(f"list filter {text[:20]!r}", "ListOperations", evolve_pb2.ListOperationsRequest(filter=text))
+        add(f"standard list filter {text[:20]!r}", LRO + "ListOperations",
+            operations_pb2.ListOperationsRequest(filter=text))
+    add("standard list of another collection", LRO + "ListOperations",
+        operations_pb2.ListOperationsRequest(name="projects/p/operations"))
+    add("delete unknown operation", LRO + "DeleteOperation", operations_pb2.DeleteOperationRequest(
+        name="operations/999999"), {grpc.StatusCode.NOT_FOUND})
+    add("delete without a name", "DeleteOperation", evolve_pb2.DeleteOperationRequest())
     add("empty operation name", "CancelOperation", evolve_pb2.CancelOperationRequest(), invalid)
     add("empty task name", "GetTask", evolve_pb2.GetTaskRequest(), invalid)
 
@@ -643,7 +693,8 @@ def test_fuzz_every_rpc(factory, tmp_path, record_property):
                                     timeout=130)
         assert waited.done, waited
     rss_quiet = rss_mb(server.process.pid)
-    mutating = (EVOLVE + "SubmitTask", EVOLVE + "Improve", EVOLVE + "CancelOperation")
+    mutating = (EVOLVE + "SubmitTask", EVOLVE + "Improve", EVOLVE + "CancelOperation", EVOLVE + "DeleteOperation",
+                LRO + "CancelOperation", LRO + "DeleteOperation")
     replay = [
         (kind, method, data) for (kind, method, data), (code, _) in zip(requests, results)
         if code.name in REJECTED and (method not in mutating or code == grpc.StatusCode.INVALID_ARGUMENT)

@@ -234,6 +234,7 @@ def test_evolution_service_shape() -> None:
         "ListOperations",
         "CancelOperation",
         "WaitOperation",
+        "DeleteOperation",
         "GetTask",
         "ListTasks",
         "Improve",
