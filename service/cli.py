@@ -8,15 +8,20 @@
 
 Global options (--server, --token, --tls-ca, --json, --timeout) go before or
 after the subcommand. Exit codes: 0 ok, 1 an RPC or operation failed, 2 usage.
-Only `serve` imports the training stack (JAX); `demo` runs the server in a
-subprocess, and the other commands need nothing beyond gRPC and numpy.
+Only `serve` and `export` import the training stack (JAX); `demo` runs the
+server in a subprocess, and the other commands need nothing beyond gRPC and
+numpy. Errors go to stderr, once; with --json as one JSON object
+{"error": {"status", "message", ...}} (see `error_record`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -27,7 +32,8 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from evolve import types
+from evolve import __version__, types
+from evolve.errors import EvolveError
 from service import client as client_lib
 from service.gen.evolve.v1 import evolve_pb2
 
@@ -105,6 +111,11 @@ def source_text(spec: evolve_pb2.TaskSpec) -> str:
     return "-"
 
 
+def path_params(task: evolve_pb2.Task) -> int:
+    """The whole model's parameters (`params` from servers that predate path_params)."""
+    return task.path_params or task.params
+
+
 def render_tasks(tasks: Sequence[evolve_pb2.Task]) -> str:
     if not tasks:
         return "no tasks"
@@ -112,12 +123,13 @@ def render_tasks(tasks: Sequence[evolve_pb2.Task]) -> str:
         (
             t.name, client_lib.task_status_name(t), t.path_version, f"{t.best_score:.4f}",
             percent(t.validation_accuracy), percent(t.test_accuracy) if t.test_accuracy else "-",
-            human(t.params), human(t.accounted_params), human(t.flops), ", ".join(t.shares_with) or "-",
+            human(t.own_params), human(t.accounted_params), human(path_params(t)), human(t.flops),
+            ", ".join(t.shares_with) or "-",
         )
         for t in tasks
     ]
-    header = ("NAME", "STATUS", "VERSION", "SCORE", "VALIDATION", "TEST", "OWN PARAMS", "ACCOUNTED", "FLOPS",
-              "SHARES WITH")
+    header = ("NAME", "STATUS", "VERSION", "SCORE", "VALIDATION", "TEST", "OWN PARAMS", "CHARGED", "PATH PARAMS",
+              "FLOPS", "SHARES WITH")
     return table(rows, header)
 
 
@@ -130,7 +142,8 @@ def render_task(task: evolve_pb2.Task, *, all_hparams: bool = False) -> str:
         f"  score:        {task.best_score:.4f}",
         f"  accuracy:     validation {percent(task.validation_accuracy)}, test "
         + (percent(task.test_accuracy) if task.test_accuracy else "-"),
-        f"  parameters:   {task.params:,} own, {task.accounted_params:,.0f} accounted (shared ones divided)",
+        (f"  parameters:   {task.own_params:,} own (only this task uses them), {task.accounted_params:,.0f} "
+         f"charged (shared ones divided), {path_params(task):,} in the whole model"),
         f"  FLOPs/image:  {human(task.flops)}",
         f"  shares with:  {', '.join(task.shares_with) or 'no other task'}",
         "  components:",
@@ -417,6 +430,14 @@ def follow_operations(
 # ---- task specs from the command line ----------------------------------------------
 
 
+def client_path(path: str | None) -> str | None:
+    """A local path made absolute here, so the server never resolves it against its
+    own working directory; URLs (gs://...) and empty values pass unchanged."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def build_spec(args: argparse.Namespace) -> types.TaskSpec:
     """The TaskSpec a `submit` command line describes."""
     if args.bundled:
@@ -424,7 +445,7 @@ def build_spec(args: argparse.Namespace) -> types.TaskSpec:
     elif args.tfds:
         source = types.TfdsSource(
             name=args.tfds,
-            data_dir=args.data_dir,
+            data_dir=client_path(args.data_dir),
             train_split=args.train_split,
             validation_split=args.validation_split or None,
             test_split=args.test_split or None,
@@ -432,10 +453,11 @@ def build_spec(args: argparse.Namespace) -> types.TaskSpec:
             label_key=args.label_key,
         )
     elif args.npz:
-        source = types.NpzSource(path=args.npz)
+        source = types.NpzSource(path=client_path(args.npz))
     else:
         source = types.ImageFolderSource(
-            path=args.image_folder, validation_fraction=args.validation_fraction, test_fraction=args.test_fraction
+            path=client_path(args.image_folder), validation_fraction=args.validation_fraction,
+            test_fraction=args.test_fraction,
         )
     tfds_only = ("data_dir", "validation_split")
     if not args.tfds and any(getattr(args, name) is not None for name in tfds_only):
@@ -499,14 +521,47 @@ def _add_follow_options(parser: argparse.ArgumentParser) -> None:
                         help="give up waiting after this many seconds (default: never)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are a JSON error_record on stderr when --json is given."""
+
+    def __init__(self, *args: Any, json_errors: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.json_errors = json_errors
+
+    def error(self, message: str):
+        if not self.json_errors:
+            super().error(message)
+        record = error_record("USAGE_ERROR", message, usage=self.format_usage().strip())
+        print(json.dumps(record), file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
+
+
+SUBMIT_EPILOG = """\
+data paths (--npz, --image-folder, --data-dir) are read by the SERVER. The CLI
+makes a relative path absolute against this shell's working directory before
+sending it, so the server must see the same files at the same paths (the same
+machine, or a shared mount).
+
+--npz FILE: a numpy .npz archive (numpy.savez or savez_compressed) with arrays
+  train_images                         N x H x W [x C], C = 1 or 3, uint8 0..255 or float in [0, 1]
+  train_labels                         N integers 0..K-1
+  validation_images, validation_labels optional; without them part of train is held out
+  test_images, test_labels             optional; give the test accuracy
+--image-folder DIR: DIR/<class name>/<PNG or JPEG files>, class names are the sub-folder names
+"""
+
+
+def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
+    """The `evolve` parser; with `json_errors`, usage errors print as JSON (main passes --json)."""
+    parser = _Parser(
         prog="evolve", description="Command line of an evolve server (continual multitask training).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run `evolve COMMAND --help` for a command's options.",
+        epilog="Run `evolve COMMAND --help` for a command's options.", json_errors=json_errors,
     )
+    parser.add_argument("--version", action="version", version=f"evolve {__version__}")
     _add_connection_options(parser, defaults=True)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=functools.partial(_Parser, json_errors=json_errors))
 
     def command(name: str, help_text: str, **kwargs) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text, **kwargs)
@@ -515,15 +570,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("serve", help="run a server (options: evolve serve --help)", add_help=False)
 
-    submit = command("submit", "add a task and start its search")
+    submit = command("submit", "add a task and start its search", epilog=SUBMIT_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     submit.add_argument("name", help="task name (also its model name for inference)")
     sources = submit.add_mutually_exclusive_group(required=True)
     sources.add_argument("--bundled", metavar="NAME", help="a bundled demo data set (digits, digits_parity, ...)")
     sources.add_argument("--tfds", metavar="DATASET", help="a TensorFlow Datasets name, e.g. cifar10")
-    sources.add_argument("--npz", metavar="FILE", help="a .npz file of arrays, as the server sees its path")
-    sources.add_argument("--image-folder", metavar="DIR", help="a folder with one sub-folder per class")
+    sources.add_argument("--npz", metavar="FILE",
+                         help="a .npz archive of arrays (names below); a relative path is made absolute here")
+    sources.add_argument("--image-folder", metavar="DIR",
+                         help="a folder with one sub-folder per class; a relative path is made absolute here")
     tfds = submit.add_argument_group("tfds options")
-    tfds.add_argument("--data-dir", help="where TFDS finds the data (server side)")
+    tfds.add_argument("--data-dir", help="where TFDS finds the data, read by the server; a relative path is made "
+                                         "absolute here")
     tfds.add_argument("--train-split", default="train")
     tfds.add_argument("--validation-split", help="default: a slice of the train split")
     tfds.add_argument("--test-split", default="test", help="'' for none (default %(default)s)")
@@ -581,6 +640,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("health", "the server's health status")
 
+    export = commands.add_parser(
+        "export", help="write a READY task's model as a standalone artefact (offline, from a state directory)",
+        description="Writes the served model of TASK, as the newest checkpoint in the state directory holds it, "
+                    "to DIR: orbax parameters, config.json and jax.export functions (uint8 images in, "
+                    "probabilities out, any batch size). Reads the state directory only: no server is needed and "
+                    "a running one is not disturbed. Load it with evolve.export_runtime.load_exported(DIR).")
+    export.add_argument("task")
+    export.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory")
+    export.add_argument("--state-dir", default=os.environ.get("EVOLVE_STATE_DIR", "state"),
+                        help="the server's state directory (env EVOLVE_STATE_DIR; default %(default)s)")
+    export.add_argument("--platform", action="append", choices=("cpu", "cuda", "rocm", "tpu"),
+                        help="lower the functions for this platform (repeatable; default: cpu and cuda)")
+    export.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+
     demo = commands.add_parser("demo", help="start a server and run the bundled demo end to end",
                                description="Starts a real server, trains the three bundled demo tasks and "
                                            "shows evolution, accuracy, sharing and predictions.")
@@ -610,11 +683,14 @@ def _operation_result(client: client_lib.EvolveClient, args: argparse.Namespace,
     """After submit / improve: follow or wait as asked, then report."""
     if not args.json:
         print(render_operation(operation), flush=True)
-    if args.watch and not client_lib.is_finished(operation):
-        view = EvolutionView(json_lines=args.json)
-        follow_operations(client, [operation.name], view, task=operation.metadata.task or None)
     if args.watch or args.wait:
-        operation = client.wait_done(operation.name, timeout=args.wait_timeout)
+        try:
+            if args.watch and not client_lib.is_finished(operation):
+                view = EvolutionView(json_lines=args.json)
+                follow_operations(client, [operation.name], view, task=operation.metadata.task or None)
+            operation = _wait_done(client, args, operation.name, progress=not (args.json or args.watch))
+        except KeyboardInterrupt:
+            return _interrupted(args, operation.name)
         if args.json:  # with --watch, JSON lines: the events, then the operation
             print_json(operation, indent=None if args.watch else 2)
         else:
@@ -626,6 +702,42 @@ def _operation_result(client: client_lib.EvolveClient, args: argparse.Namespace,
     if args.json:
         print_json(operation)
     return EXIT_OK
+
+
+WAIT_POLL_S = 10.0  # how often a waiting command reports progress
+
+
+def _wait_done(client: client_lib.EvolveClient, args: argparse.Namespace, name: str, *,
+               progress: bool) -> evolve_pb2.Operation:
+    """Waits for an operation; with `progress`, a line on stderr whenever it moved on."""
+    if not progress:
+        return client.wait_done(name, timeout=args.wait_timeout)
+    last = [""]
+
+    def report(operation: evolve_pb2.Operation) -> None:
+        line = render_operation(operation).splitlines()[0]
+        if line != last[0]:
+            last[0] = line
+            print(f"  {time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+    print(f"waiting for {name} (Ctrl-C stops waiting, not the operation)", file=sys.stderr, flush=True)
+    return client.wait_done(name, timeout=args.wait_timeout, poll=WAIT_POLL_S, on_progress=report)
+
+
+def _server_option(args: argparse.Namespace) -> str:
+    """` --server X` when this command's server is not the one a plain `evolve` would use."""
+    default = os.environ.get("EVOLVE_SERVER", client_lib.DEFAULT_TARGET)
+    return "" if args.server == default else f" --server {args.server}"
+
+
+def _interrupted(args: argparse.Namespace, name: str) -> int:
+    """Ctrl-C while following an operation: it goes on; say how to follow it again."""
+    again = f"evolve{_server_option(args)}"
+    message = (f"stopped following {name}; the operation goes on on the server. Follow it again with "
+               f"`{again} watch --operation {name}` or `{again} operation {name} --wait`; "
+               f"stop it with `{again} cancel {name}`")
+    report_error(args, message, error_record("INTERRUPTED", message, operation=name), leading_newline=True)
+    return 130
 
 
 def cmd_submit(client, args) -> int:
@@ -678,6 +790,21 @@ def _load_npz_images(path: str, key: str) -> tuple[np.ndarray, np.ndarray | None
     return images, labels
 
 
+_REFUSED_IMAGE = re.compile(r"encoded\.images\[(\d+)\]: (.*)", re.DOTALL)
+
+
+def _predict_files(client: client_lib.EvolveClient, task: str, names: Sequence[str],
+                   blobs: Sequence[bytes]) -> client_lib.Prediction:
+    """Predict of encoded files; a file the server refuses is named in the error."""
+    try:
+        return client.predict_encoded(task, blobs)
+    except grpc.RpcError as error:
+        refused = _REFUSED_IMAGE.fullmatch(error.details() or "")
+        if error.code() != grpc.StatusCode.INVALID_ARGUMENT or refused is None or int(refused.group(1)) >= len(names):
+            raise
+        raise UsageError(f"{names[int(refused.group(1))]}: {refused.group(2)}") from None
+
+
 def cmd_predict(client, args) -> int:
     labels = None
     if args.images:
@@ -688,7 +815,7 @@ def cmd_predict(client, args) -> int:
                 raise UsageError(f"no such file: {name}")
             with open(name, "rb") as f:
                 blobs.append(f.read())
-        batches = [client.predict_encoded(args.task, blobs[i:i + PREDICT_BATCH])
+        batches = [_predict_files(client, args.task, names[i:i + PREDICT_BATCH], blobs[i:i + PREDICT_BATCH])
                    for i in range(0, len(blobs), PREDICT_BATCH)]
     else:
         images, labels = _load_npz_images(args.npz, args.key)
@@ -752,10 +879,14 @@ def cmd_operations(client, args) -> int:
 
 
 def cmd_operation(client, args) -> int:
-    if args.wait:
-        operation = client.wait_done(args.operation, timeout=args.wait_timeout)
-    else:
-        operation = client.get_operation(args.operation)
+    operation = client.get_operation(args.operation)
+    if args.wait and not client_lib.is_finished(operation):
+        if not args.json:
+            print(render_operation(operation).splitlines()[0], file=sys.stderr, flush=True)
+        try:
+            operation = _wait_done(client, args, args.operation, progress=not args.json)
+        except KeyboardInterrupt:
+            return _interrupted(args, args.operation)
     print_json(operation) if args.json else print(render_operation(operation))
     return EXIT_OK
 
@@ -780,6 +911,81 @@ def cmd_health(client, args) -> int:
     return EXIT_OK if status == "SERVING" else EXIT_FAILED
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """`evolve export`: offline, from a state directory (no server, no connection)."""
+    from evolve import export  # lazy: JAX  # pylint: disable=import-outside-toplevel
+
+    platforms = tuple(dict.fromkeys(args.platform or export.DEFAULT_PLATFORMS))
+    result = export.export_task(args.state_dir, args.task, args.out, platforms=platforms)
+    if args.json:
+        print_json(dataclasses.asdict(result))
+        return EXIT_OK
+    size = result.image_size
+    print(f"exported task {result.task} (model {result.path_id}, version {result.path_version}, checkpoint step "
+          f"{result.checkpoint_step}) to {result.directory}")
+    print(f"  {export.PREDICT_FILE}: uint8 N x {size} x {size} x 3 -> probabilities of {len(result.class_names)} "
+          f"classes, any N, for {', '.join(result.platforms)}")
+    print(f"  {export.PARAMS_DIR}/: {sum(b for f, b in result.files.items() if f.startswith(export.PARAMS_DIR)):,} "
+          f"bytes (orbax); {export.CONFIG_FILE}: classes, image size, ViT structure, hyperparameters")
+    print(f"  load it without the server: python -c \"from evolve.export_runtime import load_exported; "
+          f"print(load_exported('{result.directory}').class_names)\"")
+    return EXIT_OK
+
+
+# ---- errors ---------------------------------------------------------------------------
+
+# What grpc says when nothing listens at the target.
+_UNREACHABLE = ("failed to connect", "connection refused", "dns resolution failed", "name or service not known")
+
+
+def connection_hint(error: grpc.RpcError, target: str) -> str:
+    """A hint for an RPC error that says no server answered at `target` ('' otherwise)."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE or not any(
+            text in (error.details() or "").lower() for text in _UNREACHABLE):
+        return ""
+    return f"is the server running at {target}? start one with `evolve serve`"
+
+
+def error_record(status: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The JSON form of an error, printed on stderr with --json:
+    {"error": {"status": "NOT_FOUND", "message": "...", "code": 5, "details": [...], "hint": "..."}}.
+
+    `status` is a gRPC status code name for RPC and library errors, else
+    USAGE_ERROR (exit code 2), DEADLINE_EXCEEDED (a --wait-timeout passed) or
+    INTERRUPTED (Ctrl-C; the operation goes on). `code` (the gRPC code
+    number) and `details` (google.rpc details as JSON) come with RPC errors.
+    """
+    return {"error": {"status": status, "message": message,
+                      **{key: value for key, value in extra.items() if value not in (None, "", [])}}}
+
+
+def status_record(status, hint: str = "") -> dict[str, Any]:
+    """error_record of a google.rpc.Status."""
+    from google.rpc import error_details_pb2  # noqa: F401  (registers the detail types for JSON)
+
+    name = next((c.name for c in grpc.StatusCode if c.value[0] == status.code), "UNKNOWN")
+    return error_record(name, status.message, code=status.code, details=[to_jsonable(d) for d in status.details],
+                        hint=hint)
+
+
+def rpc_error_record(error: grpc.RpcError, hint: str = "") -> dict[str, Any]:
+    """error_record of an RPC error, with the google.rpc details of its trailers."""
+    status = client_lib.rich_status(error)
+    if status is not None:
+        return status_record(status, hint)
+    code = error.code() or grpc.StatusCode.UNKNOWN
+    return error_record(code.name, error.details() or "", code=code.value[0], hint=hint)
+
+
+def report_error(args: argparse.Namespace, text: str, record: dict[str, Any], *,
+                 leading_newline: bool = False) -> None:
+    """An error on stderr, once: `text`, or `record` as one JSON line with --json."""
+    if getattr(args, "json", False):
+        print(json.dumps(record), file=sys.stderr, flush=True)
+    else:
+        print(("\n" if leading_newline else "") + text, file=sys.stderr, flush=True)
+
+
 COMMANDS: dict[str, Callable[[client_lib.EvolveClient, argparse.Namespace], int]] = {
     "submit": cmd_submit, "improve": cmd_improve, "tasks": cmd_tasks, "task": cmd_task, "watch": cmd_watch,
     "predict": cmd_predict, "cancel": cmd_cancel, "delete": cmd_delete, "operations": cmd_operations, "operation": cmd_operation,
@@ -798,7 +1004,7 @@ def _serve(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(json_errors="--json" in argv)
     args, extra = parser.parse_known_args(argv)
     if args.command == "serve":
         return _serve(extra)
@@ -809,16 +1015,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             from service import demo  # pylint: disable=import-outside-toplevel
 
             return demo.run_from_args(args)
+        if args.command == "export":
+            return cmd_export(args)
         with _connect(args) as client:
             return COMMANDS[args.command](client, args)
     except UsageError as error:
-        print(f"evolve: error: {error}", file=sys.stderr)
+        report_error(args, f"evolve: error: {error}", error_record("USAGE_ERROR", str(error)))
         return EXIT_USAGE
     except grpc.RpcError as error:
-        print(client_lib.describe_error(error), file=sys.stderr)
+        hint = connection_hint(error, getattr(args, "server", ""))
+        text = client_lib.describe_error(error) + (f"\n  {hint}" if hint else "")
+        report_error(args, text, rpc_error_record(error, hint=hint))
+        return EXIT_FAILED
+    except EvolveError as error:  # a library call in this process (export)
+        from service.errors import status_of  # pylint: disable=import-outside-toplevel
+
+        status = status_of(error)
+        report_error(args, client_lib.describe_status(status), status_record(status))
         return EXIT_FAILED
     except TimeoutError as error:
-        print(f"evolve: {error}", file=sys.stderr)
+        report_error(args, f"evolve: {error}", error_record("DEADLINE_EXCEEDED", str(error)))
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(file=sys.stderr)

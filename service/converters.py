@@ -225,6 +225,8 @@ def task_to_proto(info: "TaskInfo") -> evolve_pb2.Task:
         test_accuracy=info.test_accuracy or 0.0,
         params=info.params,
         accounted_params=info.accounted_params,
+        own_params=info.own_params,
+        path_params=info.path_params,
         flops=info.flops,
         path_version=info.path_version,
         shares_with=list(info.shares_with),

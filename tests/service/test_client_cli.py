@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def search_events(operation="operations/1", task="digits", start=1):
 def sample_task(name="digits") -> evolve_pb2.Task:
     task = evolve_pb2.Task(
         name=name, status=evolve_pb2.TASK_STATUS_READY, best_score=0.9, validation_accuracy=0.9,
-        test_accuracy=0.88, params=1000, accounted_params=1500.5, flops=2e6, path_version=2, num_classes=10,
+        test_accuracy=0.88, params=1450, accounted_params=1050.5, own_params=650, path_params=1450, flops=2e6,
+        path_version=2, num_classes=10,
         shares_with=["digits_parity"], spec=client_lib.spec_to_proto(types.TaskSpec(name, types.BundledSource(name))),
     )
     task.components.add(name="embedding", id="c-1", locked_by=["__root__", name, "digits_parity"], params=800)
@@ -315,12 +317,19 @@ def test_evolution_view_json_lines():
 def test_task_and_system_rendering():
     task = sample_task()
     text = cli.render_task(task)
-    for expected in ("task digits: READY", "bundled digits", "test 88.0%", "1,000 own", "shares with:  digits_parity",
+    for expected in ("task digits: READY", "bundled digits", "test 88.0%", "650 own", "1,050 charged",
+                     "1,450 in the whole model", "shares with:  digits_parity",
                      "LOCKED BY", "__root__, digits, digits_parity", "learning_rate = 0.05", "+ 1 learned"):
         assert expected in text
     assert "_mu_|clone:head" in cli.render_task(task, all_hparams=True)
     listing = cli.render_tasks([task, sample_task("digits_parity")])
     assert listing.splitlines()[0].startswith("NAME") and len(listing.splitlines()) == 3
+    header, row = listing.splitlines()[:2]
+    columns = [c.strip() for c in header.split("  ") if c.strip()]
+    assert [c for c in columns if "PARAMS" in c or "CHARGED" in c] == ["OWN PARAMS", "CHARGED", "PATH PARAMS"]
+    assert "650  " in row and "1.05k" in row and "1.45k" in row
+    old_server = evolve_pb2.Task(name="old", params=1450)  # no path_params yet: params is the whole path
+    assert cli.path_params(old_server) == 1450
     summary = evolve_pb2.SystemSummary(num_tasks=2, num_components=5, total_params=12345, root_model="ViT tiny",
                                        dot="graph { a -- b }")
     summary.params_per_task["digits"] = 1500.5
@@ -371,8 +380,8 @@ def test_describe_error_renders_rich_details():
     with InProcessServer(_Failing()) as server, client_lib.EvolveClient(server.target, timeout=5) as client:
         with pytest.raises(grpc.RpcError) as bad:
             client.submit_task(types.TaskSpec("bad name", types.BundledSource("digits")))
-        assert client_lib.describe_error(bad.value) == (
-            "INVALID_ARGUMENT: spec.name: bad characters\n  invalid spec.name: bad characters")
+        # the message already names the field: the violation is not printed a second time
+        assert client_lib.describe_error(bad.value) == "INVALID_ARGUMENT: spec.name: bad characters"
         with pytest.raises(grpc.RpcError) as busy:
             client.improve()
         assert client_lib.describe_error(busy.value) == "RESOURCE_EXHAUSTED: queue is full\n  retry after 3 s"
@@ -387,9 +396,73 @@ def test_rpc_errors_exit_1_with_the_description_on_stderr(capsys):
         code, out, err = run_main(["--server", server.target, "task", "nope"], capsys)
         assert (code, out) == (1, "") and err.strip() == "NOT_FOUND: task 'nope' not found"
         code, _, err = run_main(["--server", server.target, "submit", "bad name", "--bundled", "digits"], capsys)
-        assert code == 1 and "invalid spec.name: bad characters" in err
+        assert code == 1 and err == "INVALID_ARGUMENT: spec.name: bad characters\n"  # printed once
     code, _, err = run_main(["--server", f"127.0.0.1:{free_port()}", "--timeout", "2", "tasks"], capsys)
     assert code == 1 and err.startswith("UNAVAILABLE")
+
+
+def test_version(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"evolve {metadata.version('evolve-service')}"
+
+
+def test_json_errors_are_one_json_object_on_stderr(capsys):
+    with InProcessServer(_Failing()) as server:
+        code, out, err = run_main(["--server", server.target, "--json", "submit", "bad name", "--bundled", "x"],
+                                  capsys)
+        assert (code, out) == (1, "") and len(err.splitlines()) == 1
+        error = json.loads(err)["error"]
+        assert (error["status"], error["code"], error["message"]) == ("INVALID_ARGUMENT", 3,
+                                                                      "spec.name: bad characters")
+        assert error["details"][0]["@type"].endswith("google.rpc.BadRequest")
+        assert error["details"][0]["field_violations"][0]["field"] == "spec.name"
+        code, _, err = run_main(["--server", server.target, "task", "nope", "--json"], capsys)
+        assert code == 1 and json.loads(err)["error"]["status"] == "NOT_FOUND"
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own errors too
+        cli.main(["--json", "tasks", "--bogus"])
+    captured = capsys.readouterr()
+    assert (exit_info.value.code, captured.out) == (2, "")
+    error = json.loads(captured.err)["error"]
+    assert error["status"] == "USAGE_ERROR" and error["message"] == "unrecognized arguments: --bogus"
+    code, out, err = run_main(["--json", "predict", "d", "--images", "/no/such.png"], capsys)
+    assert code == 2 and json.loads(err)["error"] == {"status": "USAGE_ERROR", "message": "no such file: /no/such.png"}
+
+
+def test_a_refused_connection_gets_a_hint(capsys):
+    target = f"127.0.0.1:{free_port()}"
+    code, _, err = run_main(["--server", target, "--timeout", "5", "tasks"], capsys)
+    hint = f"is the server running at {target}? start one with `evolve serve`"
+    assert code == 1 and err.startswith("UNAVAILABLE") and err.strip().endswith(hint)
+    assert err.count("UNAVAILABLE") == 1
+    code, _, err = run_main(["--server", target, "--timeout", "5", "--json", "health"], capsys)
+    error = json.loads(err)["error"]
+    assert code == 1 and (error["status"], error["code"], error["hint"]) == ("UNAVAILABLE", 14, hint)
+    with InProcessServer(_Failing()) as server:  # a server that answers: no hint
+        _, _, err = run_main(["--server", server.target, "task", "nope"], capsys)
+        assert "evolve serve" not in err
+
+
+def test_relative_data_paths_are_made_absolute_here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert spec_of(["submit", "n", "--npz", "data/t.npz"]).npz.path == str(tmp_path / "data" / "t.npz")
+    assert spec_of(["submit", "f", "--image-folder", "pics"]).image_folder.path == str(tmp_path / "pics")
+    assert spec_of(["submit", "c", "--tfds", "mnist", "--data-dir", "tfds"]).tfds.data_dir == str(tmp_path / "tfds")
+    assert spec_of(["submit", "c", "--tfds", "mnist", "--data-dir", "gs://b/tfds"]).tfds.data_dir == "gs://b/tfds"
+    assert spec_of(["submit", "n", "--npz", "/abs/t.npz"]).npz.path == "/abs/t.npz"
+
+
+def test_submit_help_names_the_npz_arrays_and_the_path_rule(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["submit", "--help"])
+    text = capsys.readouterr().out
+    for name in ("train_images", "train_labels", "validation_images", "validation_labels", "test_images",
+                 "test_labels"):
+        assert name in text
+    assert "made absolute" in text and "read by the SERVER" in text
 
 
 class _FlakyWatch(evolve_pb2_grpc.EvolutionServiceServicer):
@@ -534,10 +607,11 @@ def test_describe_error_on_real_server_errors(client):
     with pytest.raises(grpc.RpcError) as bad:
         client.submit_task(types.TaskSpec("bad name!", types.BundledSource("digits")))
     text = client_lib.describe_error(bad.value)
-    assert text.startswith("INVALID_ARGUMENT: spec.name: ") and "\n  invalid spec.name: " in text
+    assert text.startswith("INVALID_ARGUMENT: spec.name: ") and "\n" not in text  # said once
     with pytest.raises(grpc.RpcError) as no_file:
         client.submit_task(types.TaskSpec("x", types.NpzSource("/no/such/file.npz")))
-    assert "\n  invalid spec.npz.path: no such file" in client_lib.describe_error(no_file.value)
+    text = client_lib.describe_error(no_file.value)
+    assert text.startswith("INVALID_ARGUMENT: spec.npz.path: no such file") and text.count("no such file") == 1
     with pytest.raises(grpc.RpcError) as no_operation:
         client.cancel_operation("operations/999")
     assert client_lib.describe_error(no_operation.value).startswith("NOT_FOUND: operation")
@@ -633,3 +707,103 @@ def test_cli_cancel_and_operations(server, client, digits_operation):
     assert {digits_operation["name"], name} <= {op["name"] for op in listing["operations"]}
     assert "CANCELLED" in evolve_cli(server, "operations", "--task", "digits_loops").stdout
     client.wait_until_serving(timeout=5)
+
+
+def test_own_charged_and_path_params_of_a_sharing_task():
+    """Engine -> Task proto -> CLI: a task with its own head, a block shared with
+    another task and the root's frozen components."""
+    from evolve.engine import Engine
+    from evolve.system import TaskRecord, TaskStatus
+    from service.converters import task_to_proto
+    from tests.conftest import tiny_config
+
+    engine = Engine.create(tiny_config())
+    system = engine.system
+    names = dict(system.root_path.components)
+    head_params = {"kernel": np.zeros((32, 10), np.float32), "bias": np.zeros((10,), np.float32)}
+    head = types.Component(system.new_id("c"), "head", head_params, origin="t")
+    root_block = system.components[names["encoderblock_1"]]
+    block = types.Component(system.new_id("c"), "encoderblock_1", root_block.params, origin="u",
+                            locked_by=frozenset({"u"}))
+    for component in (head, block):
+        system.components[component.id] = component
+    names.update(head=head.id, encoderblock_1=block.id)
+    path = types.Path(system.new_id("p"), "t", names, dict(system.root_path.hparams))
+    system.paths[path.id] = path
+    system.tasks["t"] = TaskRecord(types.TaskSpec("t", types.BundledSource("digits")), TaskStatus.READY, 10)
+    system.best["t"] = path.id
+    system.lock("t", path)
+
+    info = engine.task("t")
+    whole = sum(c.num_params for c in system.path_components(path))
+    assert (info.own_params, info.path_params, info.params) == (head.num_params, whole, whole) == (330, whole, whole)
+    assert info.accounted_params == pytest.approx(330 + (whole - 330) / 2)  # every other part has one more locker
+    task = task_to_proto(info)
+    assert (task.own_params, task.path_params, task.params) == (330, whole, whole)
+    assert task.accounted_params == pytest.approx(info.accounted_params)
+    text = cli.render_task(task)
+    assert f"330 own (only this task uses them), {info.accounted_params:,.0f} charged" in text
+    assert f"{whole:,} in the whole model" in text
+
+
+def test_cli_task_shows_own_charged_and_path_params(server, digits_operation):
+    task = json.loads(evolve_cli(server, "task", "digits", "--json").stdout)
+    components = task["components"]
+    path = sum(int(c["params"]) for c in components)
+    own = sum(int(c["params"]) for c in components if c["locked_by"] == ["digits"])
+    charged = sum(int(c["params"]) / (len(set(c["locked_by"]) - {"digits"}) + 1) for c in components)
+    assert int(task["path_params"]) == int(task["params"]) == path
+    assert int(task["own_params"]) == own
+    assert task["accounted_params"] == pytest.approx(charged)
+    text = evolve_cli(server, "task", "digits").stdout
+    assert f"{own:,} own (only this task uses them)" in text and f"{path:,} in the whole model" in text
+    assert "OWN PARAMS" in evolve_cli(server, "tasks").stdout
+
+
+def test_cli_bad_image_file_is_named(server, digits_operation, tmp_path):
+    from PIL import Image
+
+    good, bad = tmp_path / "good.png", tmp_path / "notes.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
+    bad.write_bytes(b"these are my notes, not an image")
+    result = evolve_cli(server, "predict", "digits", "--images", str(good), str(bad), check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == f"evolve: error: {bad}: not a PNG or JPEG image"
+    assert "BytesIO" not in result.stderr
+
+
+def test_cli_relative_npz_path_reaches_the_server_absolute_and_watch_interrupt(server, client, digits_operation,
+                                                                                  tmp_path):
+    """A relative --npz path arrives absolute; Ctrl-C on `submit --watch` leaves the
+    search running and says how to follow it; `operation --wait` says it waits."""
+    from evolve.data import bundled_task_specs, load_task_data, write_npz_task
+
+    data = load_task_data(bundled_task_specs()[0])
+    (tmp_path / "rel").mkdir()
+    write_npz_task(tmp_path / "rel" / "task.npz", data.train.images[:400], data.train.labels[:400])
+    command = [sys.executable, "-m", "service.cli", "--server", server.address, "submit", "relative",
+               "--npz", "rel/task.npz", "--generations", "50", "--watch"]
+    watching = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = watching.stdout.readline()  # the operation, printed before the watch starts
+        assert first.startswith("operations/"), first + watching.stderr.read()
+        name = first.split(":", 1)[0]
+        time.sleep(1.0)
+        watching.send_signal(signal.SIGINT)
+        _, err = watching.communicate(timeout=30)
+    finally:
+        if watching.poll() is None:
+            watching.kill()
+    try:
+        assert watching.returncode == 130, err
+        assert f"stopped following {name}; the operation goes on on the server" in err
+        assert f"watch --operation {name}" in err and f"cancel {name}" in err and "Traceback" not in err
+        assert not client_lib.is_finished(client.get_operation(name))  # Ctrl-C did not cancel it
+        spec = json.loads(evolve_cli(server, "task", "relative", "--json").stdout)["spec"]
+        assert spec["npz"]["path"] == str(tmp_path / "rel" / "task.npz")
+        waited = evolve_cli(server, "operation", name, "--wait", "--wait-timeout", "2", check=False)
+        assert waited.returncode == 1 and f"waiting for {name}" in waited.stderr
+        assert f"{name} is not done after 2 s" in waited.stderr
+    finally:
+        client.cancel_operation(name)
+        assert client.wait_done(name, timeout=120).done
