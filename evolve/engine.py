@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -56,6 +57,9 @@ class EngineOptions:
     max_compiled_structures: int = 64  # compiled train/eval steps kept between searches
     min_free_bytes: int = 256 << 20  # new work is refused while the state disk has less free
     data_limits: DataLimits = DataLimits()  # what loading a task's data may cost
+    # Warm-up (see Engine.warm_up): every predict bucket up to this batch size
+    # (0: none), and every bucket a client has used, is compiled before a path serves.
+    warm_up_batch: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,16 @@ class ServedModel:
     structure: PathStructure
     params: Mapping[str, Any]
     class_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmUp:
+    """What one warm-up did."""
+
+    tasks: int
+    executables: int  # (structure, bucket) pairs run for the first time
+    buckets: tuple[int, ...]
+    seconds: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +114,10 @@ class TaskInfo:
     best_score: float | None = None
     validation_accuracy: float | None = None
     test_accuracy: float | None = None
-    params: int = 0
-    accounted_params: float = 0.0
+    params: int = 0  # the whole served path (= path_params; the wire field's old name)
+    accounted_params: float = 0.0  # charged: each component divided among the tasks locking it
+    own_params: int = 0  # components only this task locks
+    path_params: int = 0  # every component of the served path
     flops: float = 0.0
     path_version: int = 0
     components: tuple[ComponentInfo, ...] = ()
@@ -131,6 +147,9 @@ class SystemSummary:
             lines.append(f'  "{a}" -- "{b}" [label="{shared}"];')
         lines.append("}")
         return "\n".join(lines)
+
+
+PREDICT_BUCKETS_KEY = "predict_buckets"  # the engine's own entry in a checkpoint's `extra`
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -166,6 +185,10 @@ class Engine:
         # Caller state saved with every checkpoint (the service's operations).
         self.restored_extra: dict[str, Any] = {}
         self.extra_state: Callable[[], Mapping[str, Any]] | None = None
+        # Predict buckets clients have used (saved with each checkpoint), and
+        # the (structure, parameter shapes, bucket) programs already compiled.
+        self._used_buckets: set[int] = set()
+        self._warm: set[tuple[Any, ...]] = set()
         for task in system.best:
             self._serve(task)
 
@@ -205,7 +228,8 @@ class Engine:
         if restored is None:
             return None
         engine = cls(restored.system, state_dir=state_dir, checkpoint_step=restored.step, **kwargs)
-        engine.restored_extra = restored.extra
+        engine.restored_extra = {k: v for k, v in restored.extra.items() if k != PREDICT_BUCKETS_KEY}
+        engine._used_buckets.update(int(b) for b in restored.extra.get(PREDICT_BUCKETS_KEY, ()))
         return engine
 
     # ---- tasks ---------------------------------------------------------------
@@ -421,7 +445,10 @@ class Engine:
         Durable before visible: readers (GetTask, ListTasks) wait on the lock,
         and the task is READY and Predict sees the new path only once the
         checkpoint has committed. A failed save (StorageError) undoes every
-        change, so the task stays as it was."""
+        change, so the task stays as it was. The path to serve is compiled
+        first, outside the lock: once READY, its first Predict is fast."""
+        if population:
+            self._warm_up_path(task, selection.prune(population, 1)[0])
         with self._lock:
             if not population:
                 raise RuntimeError("the search produced no path")
@@ -459,13 +486,74 @@ class Engine:
     # ---- serving -----------------------------------------------------------
 
     def _serve(self, task: str) -> None:
-        path = self.system.best_path(task)
+        self._served[task] = self._served_model(task, self.system.best_path(task))
+
+    def _served_model(self, task: str, path: Path) -> ServedModel:
         structure = self._structure(task, path)
         params = jax.device_put(
             {name: self.system.components[cid].params for name, cid in path.components.items()}, self.devices[0]
         )
-        self._served[task] = ServedModel(
-            path.id, path.version, structure, params, self.system.tasks[task].class_names
+        return ServedModel(path.id, path.version, structure, params, self.system.tasks[task].class_names)
+
+    def warm_buckets(self) -> tuple[int, ...]:
+        """The predict batch buckets a warm-up compiles: every one up to
+        `warm_up_batch`, and those clients have used (since the system was
+        created), within max_predict_batch."""
+        limit = _bucket(self.options.max_predict_batch)
+        up_to = self.options.warm_up_batch
+        floor = {1 << i for i in range(_bucket(up_to).bit_length())} if up_to >= 1 else set()
+        return tuple(sorted(b for b in floor | self._used_buckets if b <= limit))
+
+    def warm_up(self, tasks: Sequence[str] | None = None, *, cancel: threading.Event | None = None) -> WarmUp:
+        """Compiles (and runs once) every served path's predict step for the
+        warm buckets, so that a restored system's first Predicts are as fast as
+        later ones. Tasks of one structure share their programs; the persistent
+        compilation cache makes a restart's warm-up a cache read. Stops early
+        when `cancel` is set."""
+        started = time.perf_counter()
+        names = list(self._served) if tasks is None else [t for t in tasks if t in self._served]
+        buckets, compiled = self.warm_buckets(), 0
+        for task in names:
+            served = self._served.get(task)
+            if served is None:
+                continue
+            for bucket in buckets:
+                if cancel is not None and cancel.is_set():
+                    break
+                compiled += self._warm_program(served, bucket)
+        result = WarmUp(len(names), compiled, buckets, time.perf_counter() - started)
+        logger.info("warm-up: %d task(s), %d new program(s) for batch buckets %s in %.1f s",
+                    result.tasks, result.executables, list(buckets), result.seconds)
+        return result
+
+    def _warm_up_path(self, task: str, path: Path) -> None:
+        """Compiles a path's predict step before it serves (outside the lock)."""
+        current = self._served.get(task)
+        if current is not None and current.path_id == path.id:
+            return  # the served path stays: warm already
+        with self._lock:
+            served = self._served_model(task, path)
+        started = time.perf_counter()
+        compiled = sum(self._warm_program(served, bucket) for bucket in self.warm_buckets())
+        logger.info("%s: path %s warmed for Predict (%d new program(s), %.1f s)", task, path.id, compiled,
+                    time.perf_counter() - started)
+
+    def _warm_program(self, served: ServedModel, bucket: int) -> int:
+        """Runs the predict step once at this bucket unless done before; returns 1 if it ran."""
+        key = (served.structure, jax.tree.structure(served.params),
+               tuple((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(served.params)), bucket)
+        if key in self._warm:
+            return 0
+        size = served.structure.image_size
+        self._run_predict(served, np.zeros((bucket, size, size, 3), np.float32)).block_until_ready()
+        self._warm.add(key)
+        return 1
+
+    def _run_predict(self, served: ServedModel, padded: np.ndarray) -> jax.Array:
+        """The served path's probabilities of a padded batch: THE predict call,
+        shared by Predict and the warm-up so both hit the same compiled program."""
+        return steps.predict_probabilities(
+            served.params, jax.device_put(padded, self.devices[0]), structure=served.structure
         )
 
     def predict(self, task: str, images: np.ndarray) -> Prediction:
@@ -485,11 +573,10 @@ class Engine:
         batch = _as_uint8_images(images, self.options.max_predict_batch, self.options.data_limits.max_image_side)
         inputs = preprocess_eval(batch, served.structure.image_size)
         bucket = _bucket(len(inputs))
+        self._used_buckets.add(bucket)  # warmed at the next restart or new path
         padded = np.zeros((bucket,) + inputs.shape[1:], np.float32)
         padded[: len(inputs)] = inputs
-        probabilities = steps.predict_probabilities(
-            served.params, jax.device_put(padded, self.devices[0]), structure=served.structure
-        )
+        probabilities = self._run_predict(served, padded)
         return Prediction(task, served.version, np.asarray(probabilities)[: len(inputs)], served.class_names)
 
     # ---- checkpoints and inspection -----------------------------------------
@@ -504,7 +591,8 @@ class Engine:
         with self._lock:
             if extra is not None:
                 self.restored_extra = dict(extra)
-            written = checkpoint.save(self.system, self.state_dir, extra=self.restored_extra)
+            saved_extra = {**self.restored_extra, PREDICT_BUCKETS_KEY: sorted(self._used_buckets.copy())}
+            written = checkpoint.save(self.system, self.state_dir, extra=saved_extra)
             self.checkpoint_step = written.step
         if emit is not None:
             emit(CheckpointWritten(task, written.step, self.state_dir, written.new_components))
@@ -549,9 +637,11 @@ class Engine:
             ComponentInfo(c.name, c.id, tuple(sorted(c.locked_by)), c.num_params)
             for c in self.system.path_components(path)
         )
+        path_params = sum(c.params for c in components)
         return dataclasses.replace(
             info, best_score=path.score, validation_accuracy=path.quality, test_accuracy=path.test_accuracy,
-            params=sum(c.params for c in components), accounted_params=self._accounted_params(name),
+            params=path_params, path_params=path_params, accounted_params=self._accounted_params(name),
+            own_params=sum(c.params for c in components if c.locked_by == (name,)),
             flops=path.flops or 0.0, path_version=path.version, components=components,
             shares_with=tuple(self.system.tasks_sharing(name)), hparams=dict(path.hparams),
         )

@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from evolve import types
+from service import operation_filter
 from service.gen.evolve.v1 import evolve_pb2, evolve_pb2_grpc
 from service.gen.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 
@@ -151,7 +152,11 @@ def _describe_details(details: Sequence, message: str = "") -> list[str]:
 def _detail_lines(detail, message: str) -> list[str]:
     name = type(detail).__name__
     if name == "BadRequest":
-        return [f"  invalid {v.field}: {v.description}" for v in detail.field_violations] or ["  bad request"]
+        # The message already reads "field: description" for a single violation: say it once.
+        violations = [v for v in detail.field_violations if f"{v.field}: {v.description}" != message]
+        if not detail.field_violations:
+            return ["  bad request"]
+        return [f"  invalid {v.field}: {v.description}" for v in violations]
     if name == "RetryInfo":
         delay = detail.retry_delay.seconds + detail.retry_delay.nanos / 1e9
         return [f"  retry after {delay:g} s"]
@@ -188,15 +193,27 @@ def describe_error(error: BaseException) -> str:
     code_name = code.name if code is not None else "UNKNOWN"
     message = error.details() if hasattr(error, "details") else ""
     lines = [f"{code_name}: {message}" if message else code_name]
-    try:
-        from grpc_status import rpc_status  # pylint: disable=import-outside-toplevel
-
-        status = rpc_status.from_call(error)
-    except (ValueError, AttributeError, TypeError):
-        status = None  # trailers that do not match the status, or no call at all
+    status = rich_status(error)
     if status is not None:
         lines.extend(_describe_details(status.details, message))
     return "\n".join(lines)
+
+
+def rich_status(error: grpc.RpcError):
+    """The google.rpc.Status an RPC error carries in its trailers, or None."""
+    try:
+        from grpc_status import rpc_status  # pylint: disable=import-outside-toplevel
+
+        return rpc_status.from_call(error)
+    except (ValueError, AttributeError, TypeError):
+        return None  # trailers that do not match the status, or no call at all
+
+
+def describe_status(status) -> str:
+    """A readable rendering of a google.rpc.Status, as describe_error renders one."""
+    code_name = next((c.name for c in grpc.StatusCode if c.value[0] == status.code), f"code {status.code}")
+    lines = [f"{code_name}: {status.message}" if status.message else code_name]
+    return "\n".join(lines + _describe_details(status.details, status.message))
 
 
 def describe_operation_error(error: evolve_pb2.OperationError) -> str:
@@ -272,11 +289,16 @@ class EvolveClient:
     def get_operation(self, name: str) -> evolve_pb2.Operation:
         return self._call(self.evolution.GetOperation, evolve_pb2.GetOperationRequest(name=name))
 
-    def list_operations(self, task: str | None = None, page_size: int = 0) -> list[evolve_pb2.Operation]:
-        """Every operation (of one task when given), all pages."""
+    def list_operations(
+        self, task: str | None = None, page_size: int = 0, filter: str = ""
+    ) -> list[evolve_pb2.Operation]:
+        """Every operation (of one task when given, and passing `filter`, e.g.
+        'done = false'), all pages."""
+        if task:
+            filter = " AND ".join(term for term in (operation_filter.task_filter(task), filter) if term)
         operations, token = [], ""
         while True:
-            request = evolve_pb2.ListOperationsRequest(task=task or "", page_size=page_size, page_token=token)
+            request = evolve_pb2.ListOperationsRequest(filter=filter, page_size=page_size, page_token=token)
             response = self._call(self.evolution.ListOperations, request)
             operations.extend(response.operations)
             token = response.next_page_token
@@ -289,16 +311,25 @@ class EvolveClient:
     def cancel_operation(self, name: str) -> evolve_pb2.Operation:
         return self._call(self.evolution.CancelOperation, evolve_pb2.CancelOperationRequest(name=name))
 
+    def delete_operation(self, name: str) -> evolve_pb2.DeleteOperationResponse:
+        """Forgets a finished operation (FAILED_PRECONDITION while it is not done)."""
+        return self._call(self.evolution.DeleteOperation, evolve_pb2.DeleteOperationRequest(name=name))
+
     def wait_operation(self, name: str, timeout: float = 60.0) -> evolve_pb2.Operation:
         """One WaitOperation call: the operation when done or after `timeout` s."""
-        request = evolve_pb2.WaitOperationRequest(name=name, timeout_seconds=timeout)
+        request = evolve_pb2.WaitOperationRequest(name=name)
+        request.timeout.FromNanoseconds(int(max(timeout, 0.0) * 1e9))
         return self._call(self.evolution.WaitOperation, request, timeout=timeout + _WAIT_MARGIN_S)
 
-    def wait_done(self, name: str, *, poll: float = 30.0, timeout: float | None = None) -> evolve_pb2.Operation:
+    def wait_done(
+        self, name: str, *, poll: float = 30.0, timeout: float | None = None,
+        on_progress: Callable[[evolve_pb2.Operation], None] | None = None,
+    ) -> evolve_pb2.Operation:
         """Waits until the operation is done (WaitOperation in a loop).
 
         Rides out a server restart (UNAVAILABLE) within the timeout. Raises
         TimeoutError when `timeout` seconds pass first (None: wait forever).
+        `on_progress` gets the operation each time a wait ends before it is done.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -315,6 +346,8 @@ class EvolveClient:
                 continue
             if operation.done:
                 return operation
+            if on_progress is not None:
+                on_progress(operation)
 
     def get_task(self, name: str) -> evolve_pb2.Task:
         return self._call(self.evolution.GetTask, evolve_pb2.GetTaskRequest(name=name))

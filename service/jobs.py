@@ -10,7 +10,7 @@ crash. On restart, QUEUED and RUNNING operations are queued again (an
 interrupted search restarts from the last complete state), except an
 extension whose task the checkpoint already holds as READY: its search
 finished and was checkpointed just before the crash, so it is SUCCEEDED.
-Finished ones stay listed.
+Finished ones stay listed until DeleteOperation removes them (durably).
 
 Lock order: the engine calls our event callback while holding its own lock,
 so this module never calls into the engine while holding `_condition`.
@@ -163,13 +163,17 @@ class Jobs:
     def extra_state(self, *, clean_shutdown: bool = False) -> dict[str, Any]:
         """What every checkpoint saves of the operations (a finishing operation
         with its final state, which clients see only once it is saved)."""
+        # The event log's position and its bounded history, read together
+        # (and encoded outside our lock, which the engine's callback needs).
+        event_sequence, events = self._events.saved_state()
         with self._condition:
             finishing = self._finishing
             records = [finishing if finishing and r.name == finishing.name else r for r in self._records.values()]
             return {
                 "operations": [r.to_dict() for r in records],
                 "next_operation": self._next,
-                "event_sequence": self._events.last_sequence,
+                "event_sequence": event_sequence,
+                "events": events,
                 "request_ids": dict(self._request_ids),
                 "clean_shutdown": clean_shutdown,
             }
@@ -195,6 +199,9 @@ class Jobs:
             self._request_ids = {k: v for k, v in extra.get("request_ids", {}).items() if v in self._records}
         if self._queue:
             logger.info("re-queued %d unfinished operation(s)", len(self._queue))
+        restored = self._events.restore(extra.get("events"))  # same sequence numbers as before
+        if restored:
+            logger.info("restored %d evolution event(s) for WatchEvolution", restored)
 
     def _save(self, *, raise_errors: bool = False) -> None:
         """Checkpoints the engine with the operations.
@@ -382,6 +389,29 @@ class Jobs:
         if changed:
             self._save()
         return snapshot
+
+    def delete_operation(self, name: str) -> None:
+        """Forgets a finished operation, durably (on disk before this returns);
+        FAILED_PRECONDITION for one that is not done. The task stays."""
+        with self._condition:
+            record = self._record(name)
+            if self._stopping:
+                raise UnavailableError("the server is shutting down", retry_after_s=5.0)
+            if not record.done:
+                raise FailedPreconditionError(
+                    "OPERATION_NOT_DONE", f"{name} is {record.state}; cancel it and wait until it is done"
+                )
+            del self._records[name]
+            request_ids = self._request_ids
+            self._request_ids = {k: v for k, v in request_ids.items() if v != name}
+        try:
+            self._save(raise_errors=True)
+        except Exception:
+            with self._condition:  # not deleted after all: the checkpoint failed
+                self._records[name] = record
+                self._request_ids.update({k: v for k, v in request_ids.items() if v == name})
+            raise
+        logger.info("%s deleted", name)
 
     # ---- the worker ------------------------------------------------------------------
 

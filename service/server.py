@@ -28,6 +28,7 @@ logger = logging.getLogger("service.server")
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 EVOLUTION_SERVICE = "evolve.v1.EvolutionService"
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
+LONGRUNNING_SERVICE = "google.longrunning.Operations"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,10 @@ class ServerOptions:
     max_waits_per_client: int = 0  # WaitOperation + WatchEvolution per client host; 0: workers / 4
     max_data_mb: int = 4096  # decoded size one task source may have
     allow_download: bool = False  # tfds sources may download and prepare datasets
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: a free port
+    metrics_host: str = ""  # "": the gRPC --host
+    metrics_port_file: str | None = None
+    log_format: str = "text"  # or "json": one JSON object per line
 
 
 # ---- flags ---------------------------------------------------------------------------
@@ -137,6 +142,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--port-file", default=_env("PORT_FILE"),
         help="write the bound port to this file once listening (for supervisors and tests)")
     add("--log-level", default=_env("LOG_LEVEL", defaults.log_level), help="[EVOLVE_LOG_LEVEL, %(default)s]")
+    add("--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", defaults.log_format),
+        help="text lines, or one JSON object per line (time, level, logger, message, request_id); each RPC "
+             "writes one access line (logger evolve.access) [EVOLVE_LOG_FORMAT, %(default)s]")
+    add("--metrics-port", type=int, default=_int_or_none(_env("METRICS_PORT")),
+        help="serve Prometheus metrics over plain HTTP at /metrics on this port (no authentication); "
+             "0 picks a free one; default: no metrics endpoint [EVOLVE_METRICS_PORT]")
+    add("--metrics-host", default=_env("METRICS_HOST", defaults.metrics_host),
+        help="address of the metrics endpoint [EVOLVE_METRICS_HOST, default: --host]")
+    add("--metrics-port-file", default=_env("METRICS_PORT_FILE"),
+        help="write the metrics port to this file once listening [EVOLVE_METRICS_PORT_FILE]")
     add("--max-waits-per-client", type=int, default=int(_env("MAX_WAITS_PER_CLIENT", defaults.max_waits_per_client)),
         help="WaitOperation and WatchEvolution calls one client host may hold at once; all clients together "
              "hold at most --workers / 2, so Predict and health always find a thread; 0: --workers / 4 "
@@ -211,6 +226,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         log_level=args.log_level, startup_delay_seconds=args.startup_delay_seconds, min_free_mb=args.min_free_mb,
         max_waits_per_client=args.max_waits_per_client, max_data_mb=args.max_data_mb,
         allow_download=bool(args.allow_download),
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host or "",
+        metrics_port_file=args.metrics_port_file or None, log_format=args.log_format,
     )
     validate_options(options)
     return options
@@ -219,6 +236,12 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
 def validate_options(options: ServerOptions) -> None:
     if not 0 <= options.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {options.port}")
+    if options.metrics_port is not None and not 0 <= options.metrics_port <= 65535:
+        raise ValueError(f"--metrics-port must be 0..65535, got {options.metrics_port}")
+    if options.metrics_port and options.metrics_port == options.port:
+        raise ValueError("--metrics-port must differ from --port")
+    if options.log_format not in ("text", "json"):
+        raise ValueError(f"--log-format must be text or json, got {options.log_format!r}")
     for name in ("max_queue", "max_batch", "max_message_mb", "workers"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -306,14 +329,10 @@ def build_config(name: str, overrides: Mapping[str, Any], root: str = "") -> tup
 # ---- process setup -------------------------------------------------------------------
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("absl", "jax._src", "orbax"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+def configure_logging(level: str, log_format: str = "text") -> None:
+    from service.observability import configure_logging as configure  # noqa: PLC0415
+
+    configure(level, log_format)
 
 
 def configure_devices(devices: int) -> None:
@@ -384,18 +403,27 @@ class Server:
         self._loader = threading.Thread(target=self._load_guarded, name="loader", daemon=True)
         self._load_failed = False
         self._signal_name = ""
+        self.metrics = None
+        if options.metrics_port is not None:
+            from service.metrics import ServerMetrics
+
+            self.metrics = ServerMetrics(ready=lambda: self.backend.ready, max_queue=options.max_queue)
         self.server = self._build()
         self.port = self._bind()
+        self.metrics_port = self._bind_metrics()
 
     def _build(self):
         from service.auth import AuthInterceptor
         from service.errors import ErrorInterceptor
+        from service.observability import ObservabilityInterceptor
 
         grpc, options = self._grpc, self.options
         limit = options.max_message_mb * 1024 * 1024
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc"),
-            interceptors=[AuthInterceptor(options.token, options.read_token, options.open_reads), ErrorInterceptor()],
+            # Outermost first: the access log and metrics see every call's final status, denials included.
+            interceptors=[ObservabilityInterceptor(self.metrics),
+                          AuthInterceptor(options.token, options.read_token, options.open_reads), ErrorInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -406,27 +434,32 @@ class Server:
         return server
 
     def _add_services(self, server) -> None:
+        from google.longrunning import operations_pb2, operations_pb2_grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
         from service.gen import reflection_pool
         from service.gen.evolve.v1 import evolve_pb2, evolve_pb2_grpc
         from service.gen.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+        from service.longrunning import OperationsServicer
         from service.servicers import EvolutionServicer, InferenceServicer
 
         evolve_pb2_grpc.add_EvolutionServiceServicer_to_server(EvolutionServicer(self.backend), server)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.backend), server)
+        operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.backend), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for name in self.service_names():
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        pool = reflection_pool(evolve_pb2.DESCRIPTOR, grpc_predict_v2_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR)
-        names = (EVOLUTION_SERVICE, INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        pool = reflection_pool(evolve_pb2.DESCRIPTOR, grpc_predict_v2_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR,
+                               operations_pb2.DESCRIPTOR)
+        names = (EVOLUTION_SERVICE, INFERENCE_SERVICE, LONGRUNNING_SERVICE, health.SERVICE_NAME,
+                 reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server, pool=pool)
 
     @staticmethod
     def service_names() -> tuple[str, ...]:
         """Health is reported for the server as a whole ("") and per service."""
-        return ("", EVOLUTION_SERVICE, INFERENCE_SERVICE)
+        return ("", EVOLUTION_SERVICE, INFERENCE_SERVICE, LONGRUNNING_SERVICE)
 
     def _bind(self) -> int:
         options, grpc = self.options, self._grpc
@@ -441,6 +474,16 @@ class Server:
             raise OSError(f"cannot listen on {address}")
         return port
 
+    def _bind_metrics(self) -> int:
+        """Starts the /metrics endpoint (before the gRPC server: a busy port fails the start)."""
+        if self.metrics is None:
+            return 0
+        host = self.options.metrics_host or self.options.host
+        try:
+            return self.metrics.serve(host.strip("[]"), self.options.metrics_port)
+        except OSError as error:
+            raise OSError(f"cannot serve metrics on {_address(host, self.options.metrics_port)}: {error}") from error
+
     # ---- lifecycle ---------------------------------------------------------------------
 
     def run(self) -> int:
@@ -451,6 +494,11 @@ class Server:
                     os.path.abspath(self.options.state_dir))
         if self.options.port_file:
             _write_port_file(self.options.port_file, self.port)
+        if self.metrics is not None:
+            logger.info("metrics on http://%s/metrics", _address(self.options.metrics_host or self.options.host,
+                                                                 self.metrics_port))
+            if self.options.metrics_port_file:
+                _write_port_file(self.options.metrics_port_file, self.metrics_port)
         warn_if_exposed(self.options)
         self._install_signal_handlers()
         self._loader.start()
@@ -493,9 +541,12 @@ class Server:
         if self._stop.wait(self.options.startup_delay_seconds):
             return
         engine, jobs, events = load_backend(self.options)
+        engine.warm_up(cancel=self._stop)  # "ready" means fast: served paths compiled first
         if self._stop.is_set():
             return
         self.backend.attach(engine, jobs, events)
+        if self.metrics is not None:
+            self.metrics.attach(engine, jobs, events)
         jobs.start()
         for name in self.service_names():
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -522,6 +573,8 @@ class Server:
                 code = 1
             loaded.events.close()  # ends WatchEvolution streams after the last events
         stopped.wait()
+        if self.metrics is not None:
+            self.metrics.close()
         logger.info("stopped")
         return code
 
@@ -572,7 +625,12 @@ def load_backend(options: ServerOptions):
     jobs = Jobs(engine, events, max_queue=options.max_queue, cycle_idle_seconds=options.cycle_idle_seconds)
     jobs.restore(engine.restored_extra)
     engine.extra_state = jobs.extra_state
-    if fresh:
+    # After a clean stop the numbers continue where they were; a re-queued
+    # search would number events before anything else saves, so mark the
+    # checkpoint unclean first: a kill -9 then skips the gap instead of
+    # handing out those numbers twice.
+    requeued = any(not record.done for record in jobs.list())
+    if fresh or (requeued and engine.restored_extra.get("clean_shutdown")):
         engine.save()
     return engine, jobs, events
 
@@ -582,7 +640,7 @@ def serve(options: ServerOptions) -> int:
     from evolve.errors import StateDirLockedError  # noqa: PLC0415 (no JAX)
     from evolve.statedir import StateDirLock  # noqa: PLC0415
 
-    configure_logging(options.log_level)
+    configure_logging(options.log_level, options.log_format)
     configure_devices(options.devices)
     lock = StateDirLock(options.state_dir)
     try:
@@ -607,7 +665,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
     try:
         options = options_from_args(args)
     except ValueError as error:
-        configure_logging("INFO")
+        configure_logging("INFO", args.log_format if args.log_format in ("text", "json") else "text")
         logger.error("%s", error)
         return 2
     return serve(options)

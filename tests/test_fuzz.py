@@ -39,7 +39,7 @@ import numpy as np
 import pytest
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2
+from google.rpc import code_pb2, error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from PIL import Image
@@ -62,6 +62,7 @@ MAX_MESSAGE_MB = 4
 MAX_BATCH = 64
 MAX_RSS_GROWTH_MB = 300
 REPLAYS = 2
+CONTENT_CASES = 4  # bad data behind a good spec: accepted, and the operation fails
 REJECTED = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION"}
 OK_SHARE = 0.15  # at most this share of the random requests may be valid
 
@@ -431,16 +432,24 @@ def targeted(files: dict[str, str]) -> list[tuple[str, str, bytes, set[grpc.Stat
     npz = lambda path: evolve_pb2.TaskSpec(name="escape", npz=evolve_pb2.NpzSource(path=path))  # noqa: E731
     for path in ("../outside/task.npz", f"{outside}/task.npz", "/etc/passwd", "../../etc/passwd", "escape_link.npz",
                  f"{files['evil']}/task.npz", f"{root}/../outside/task.npz", "..", "/", "loop", "garbage.npz",
-                 "empty.npz", "single.npy", "pickled.npz", "nan.npz", "bad_labels.npz", "notes.txt", "missing.npz",
+                 "empty.npz", "single.npy", "pickled.npz", "notes.txt", "missing.npz",
                  "a\x00b", "x" * 5000, "/proc/self/environ", "/dev/zero"):
         submit(f"npz path {path[:40]!r}", npz(path))
-    for path in (f"{outside}/folder", "escape_dir", "../outside/folder", "corrupt_folder", "one_class", "/"):
+    # Bad contents behind good headers: SubmitTask only checks the spec, so these
+    # are accepted and their operations fail (CONTENT_CASES, checked separately).
+    for path in ("nan.npz", "bad_labels.npz"):
+        submit(f"npz contents {path!r}", npz(path), {grpc.StatusCode.OK})
+    submit("image folder contents 'corrupt_folder'",
+           evolve_pb2.TaskSpec(name="escape", image_folder=evolve_pb2.ImageFolderSource(path="corrupt_folder")),
+           {grpc.StatusCode.OK})
+    for path in (f"{outside}/folder", "escape_dir", "../outside/folder", "one_class", "/"):
         submit(f"image folder {path[:40]!r}",
                evolve_pb2.TaskSpec(name="escape", image_folder=evolve_pb2.ImageFolderSource(path=path)))
     for data_dir in ("../outside", "/etc", "/", outside, "escape_dir"):
         submit(f"tfds data_dir {data_dir!r}",
                evolve_pb2.TaskSpec(name="escape", tfds=evolve_pb2.TfdsSource(name="not_a_dataset", data_dir=data_dir)))
-    submit("tfds unknown data set", evolve_pb2.TaskSpec(name="escape", tfds=evolve_pb2.TfdsSource(name="zz_nope")))
+    submit("tfds unknown data set", evolve_pb2.TaskSpec(name="escape", tfds=evolve_pb2.TfdsSource(name="zz_nope")),
+           {grpc.StatusCode.OK})
     submit("tfds name traversal", evolve_pb2.TaskSpec(name="escape", tfds=evolve_pb2.TfdsSource(name="../../x")))
     for name in ("", "DIGITS", "a" * 64, "digits2\n", "../x", "名前", "a b", "\u202eevil", "-x", "x" * 100_000):
         submit(f"task name {name[:20]!r}",
@@ -663,6 +672,19 @@ def test_fuzz_every_rpc(factory, tmp_path, record_property):
         elif code == grpc.StatusCode.INVALID_ARGUMENT and not _field_violations(error):
             wrong.append((what, method, "INVALID_ARGUMENT without a BadRequest field violation", error.details()))
     targeted_counts = dict(counts)
+    # The accepted bad-content submissions: each operation fails with a clear status.
+    content = [op for op in stub.ListOperations(evolve_pb2.ListOperationsRequest(page_size=1000),
+                                                timeout=TIMEOUT).operations if op.metadata.task.startswith("escape-")]
+    assert len(content) == CONTENT_CASES, [op.metadata.task for op in content]
+    for operation in content:
+        operation = stub.WaitOperation(evolve_pb2.WaitOperationRequest(name=operation.name, timeout_seconds=120),
+                                       timeout=130)
+        assert operation.done and operation.metadata.state == evolve_pb2.OPERATION_STATE_FAILED, operation
+        assert operation.error.code in (code_pb2.INVALID_ARGUMENT, code_pb2.FAILED_PRECONDITION), operation.error
+        if operation.error.code == code_pb2.INVALID_ARGUMENT:
+            bad = error_details_pb2.BadRequest()
+            assert any(d.Unpack(bad) for d in operation.error.details if d.Is(bad.DESCRIPTOR)), operation.error
+            assert bad.field_violations[0].field.startswith("spec."), bad
     rss_warm = rss_mb(server.process.pid)
 
     # Then random ones, several at a time.

@@ -85,7 +85,7 @@ def test_submit_returns_queued_operations(run):
 
 
 def test_events_arrive_in_order(run):
-    *_, operations, events = run
+    _, _, stub, operations, events = run
     sequences = [e.sequence for e in events]
     assert sequences == sorted(set(sequences)) and sequences[0] >= 1
     by_operation = {}
@@ -98,7 +98,9 @@ def test_events_arrive_in_order(run):
         assert all(e.task == task for e in own)
         assert kinds[:2] == ["search_started", "generation_started"] and own[1].generation_started.generation == 1
         plan = own[0].search_started.plan
-        assert plan.generations == operation.metadata.plan.generations and "steps of" in plan.description
+        assert not operation.metadata.HasField("plan")  # a new task's data loads in its search
+        final = stub.GetOperation(evolve_pb2.GetOperationRequest(name=operation.name), timeout=TIMEOUT)
+        assert final.metadata.plan == plan and "steps of" in plan.description
         assert "candidate_scored" in kinds and "checkpoint_written" in kinds
         assert kinds.index("candidate_scored") < kinds.index("candidate_accepted") < kinds.index("search_finished")
         end = own[kinds.index("search_finished")].search_finished
@@ -300,7 +302,11 @@ def test_sigterm_drains_and_restart_restores(run, server_factory):
         listed = new_stub.ListOperations(evolve_pb2.ListOperationsRequest(), timeout=TIMEOUT).operations
         assert [op.name for op in listed][:2] == ["operations/1", "operations/2"]
         assert all(op.done for op in listed)
-        # Sequence numbers continue after the restart: nothing is numbered twice.
-        new_events = follow_until(new_stub, finished(1), task="loops")
-        assert new_events[0].sequence == last.sequence + 1
+        # The interrupted run's events are replayed as they were numbered, and
+        # new ones continue after them: nothing is numbered twice.
+        replayed = follow_until(new_stub, finished(2), task="loops")
+        old = {e.sequence: e for e in collected if e.task == "loops"}
+        earlier = [e for e in replayed if e.sequence <= last.sequence]
+        assert earlier and all(old[e.sequence] == e for e in earlier)
+        assert [e for e in replayed if e.sequence > last.sequence][0].sequence == last.sequence + 1
     assert restarted.stop(signal.SIGINT) == 0

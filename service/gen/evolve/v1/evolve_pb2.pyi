@@ -1,4 +1,5 @@
 from google.protobuf import any_pb2 as _any_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -119,7 +120,7 @@ class ComponentRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., locked_by: _Optional[_Iterable[str]] = ..., params: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "status", "best_score", "validation_accuracy", "test_accuracy", "params", "accounted_params", "flops", "path_version", "components", "shares_with", "hparams", "num_classes", "spec", "probes", "status_message")
+    __slots__ = ("name", "status", "best_score", "validation_accuracy", "test_accuracy", "params", "accounted_params", "flops", "path_version", "components", "shares_with", "hparams", "num_classes", "spec", "probes", "status_message", "own_params", "path_params")
     class HparamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +144,8 @@ class Task(_message.Message):
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PROBES_FIELD_NUMBER: _ClassVar[int]
     STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    OWN_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PATH_PARAMS_FIELD_NUMBER: _ClassVar[int]
     name: str
     status: TaskStatus
     best_score: float
@@ -159,7 +162,9 @@ class Task(_message.Message):
     spec: TaskSpec
     probes: _containers.RepeatedCompositeFieldContainer[ParentProbe]
     status_message: str
-    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., best_score: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., params: _Optional[int] = ..., accounted_params: _Optional[float] = ..., flops: _Optional[float] = ..., path_version: _Optional[int] = ..., components: _Optional[_Iterable[_Union[ComponentRef, _Mapping]]] = ..., shares_with: _Optional[_Iterable[str]] = ..., hparams: _Optional[_Mapping[str, str]] = ..., num_classes: _Optional[int] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., probes: _Optional[_Iterable[_Union[ParentProbe, _Mapping]]] = ..., status_message: _Optional[str] = ...) -> None: ...
+    own_params: int
+    path_params: int
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., best_score: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., params: _Optional[int] = ..., accounted_params: _Optional[float] = ..., flops: _Optional[float] = ..., path_version: _Optional[int] = ..., components: _Optional[_Iterable[_Union[ComponentRef, _Mapping]]] = ..., shares_with: _Optional[_Iterable[str]] = ..., hparams: _Optional[_Mapping[str, str]] = ..., num_classes: _Optional[int] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., probes: _Optional[_Iterable[_Union[ParentProbe, _Mapping]]] = ..., status_message: _Optional[str] = ..., own_params: _Optional[int] = ..., path_params: _Optional[int] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("name",)
@@ -312,14 +317,16 @@ class GetOperationRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ListOperationsRequest(_message.Message):
-    __slots__ = ("task", "page_size", "page_token")
+    __slots__ = ("task", "page_size", "page_token", "filter")
     TASK_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     task: str
     page_size: int
     page_token: str
-    def __init__(self, task: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    filter: str
+    def __init__(self, task: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., filter: _Optional[str] = ...) -> None: ...
 
 class ListOperationsResponse(_message.Message):
     __slots__ = ("operations", "next_page_token")
@@ -336,12 +343,26 @@ class CancelOperationRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class WaitOperationRequest(_message.Message):
-    __slots__ = ("name", "timeout_seconds")
+    __slots__ = ("name", "timeout_seconds", "timeout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     timeout_seconds: float
-    def __init__(self, name: _Optional[str] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+    timeout: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., timeout: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class DeleteOperationRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteOperationResponse(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class WatchEvolutionRequest(_message.Message):
     __slots__ = ("task", "after_sequence")

@@ -60,6 +60,11 @@ class EvolutionServiceStub(object):
                 request_serializer=evolve_dot_v1_dot_evolve__pb2.WaitOperationRequest.SerializeToString,
                 response_deserializer=evolve_dot_v1_dot_evolve__pb2.Operation.FromString,
                 _registered_method=True)
+        self.DeleteOperation = channel.unary_unary(
+                '/evolve.v1.EvolutionService/DeleteOperation',
+                request_serializer=evolve_dot_v1_dot_evolve__pb2.DeleteOperationRequest.SerializeToString,
+                response_deserializer=evolve_dot_v1_dot_evolve__pb2.DeleteOperationResponse.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/evolve.v1.EvolutionService/GetTask',
                 request_serializer=evolve_dot_v1_dot_evolve__pb2.GetTaskRequest.SerializeToString,
@@ -138,6 +143,15 @@ class EvolutionServiceServicer(object):
     def WaitOperation(self, request, context):
         """Waits until an operation is done or the timeout passes, and returns it as
         it stands then (check `done`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteOperation(self, request, context):
+        """Forgets a finished operation (the task it worked on stays); the removal
+        is on disk before the call returns. FAILED_PRECONDITION while the
+        operation is not done (cancel it and wait first).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,6 +240,11 @@ def add_EvolutionServiceServicer_to_server(servicer, server):
                     servicer.WaitOperation,
                     request_deserializer=evolve_dot_v1_dot_evolve__pb2.WaitOperationRequest.FromString,
                     response_serializer=evolve_dot_v1_dot_evolve__pb2.Operation.SerializeToString,
+            ),
+            'DeleteOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteOperation,
+                    request_deserializer=evolve_dot_v1_dot_evolve__pb2.DeleteOperationRequest.FromString,
+                    response_serializer=evolve_dot_v1_dot_evolve__pb2.DeleteOperationResponse.SerializeToString,
             ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
@@ -399,6 +418,33 @@ class EvolutionService(object):
             '/evolve.v1.EvolutionService/WaitOperation',
             evolve_dot_v1_dot_evolve__pb2.WaitOperationRequest.SerializeToString,
             evolve_dot_v1_dot_evolve__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/evolve.v1.EvolutionService/DeleteOperation',
+            evolve_dot_v1_dot_evolve__pb2.DeleteOperationRequest.SerializeToString,
+            evolve_dot_v1_dot_evolve__pb2.DeleteOperationResponse.FromString,
             options,
             channel_credentials,
             insecure,
