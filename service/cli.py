@@ -420,11 +420,19 @@ def follow_operations(
                 seen_any = True
                 view.handle(event)
             if event.operation in single_task and event.WhichOneof("kind") == "search_finished":
-                finish(event.operation, linger_seconds)
+                if event.search_finished.state != "CANCELLED" or _operation_done(client, event.operation):
+                    finish(event.operation, linger_seconds)  # a CANCELLED run a restart re-queued goes on
     finally:
         stop.set()
         stream.cancel()
         view.close()
+
+
+def _operation_done(client: client_lib.EvolveClient, name: str) -> bool:
+    try:
+        return client_lib.is_finished(client.get_operation(name))
+    except grpc.RpcError:
+        return True
 
 
 # ---- task specs from the command line ----------------------------------------------
