@@ -70,5 +70,28 @@ class CheckpointWritten:
     new_components: int
 
 
-Event = Union[SearchStarted, GenerationStarted, CandidateScored, CandidateAccepted, SearchFinished, CheckpointWritten]
+@dataclasses.dataclass(frozen=True)
+class TrainingProgress:
+    """Training inside a generation moved on (throttled: at most one every few
+    seconds per search). The generation's candidates train in lockstep, so
+    `step` counts for every one of them. Transient: shown live, never saved
+    with a checkpoint (see TRANSIENT_EVENTS)."""
+
+    task: str
+    generation: int  # 0-based, as GenerationStarted
+    generations: int
+    candidates: int
+    step: int  # training steps done by each candidate of the generation
+    steps: int  # training steps per candidate
+    examples_per_second: float  # training examples of all candidates per second, this generation so far
+
+
+Event = Union[
+    SearchStarted, GenerationStarted, CandidateScored, CandidateAccepted, SearchFinished, CheckpointWritten,
+    TrainingProgress,
+]
+
+# Kinds that are high-volume and only of interest while they happen: kept for
+# live streams, left out of the event history saved with checkpoints.
+TRANSIENT_EVENTS: tuple[type, ...] = (TrainingProgress,)
 EventCallback = Callable[[Event], None]

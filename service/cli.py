@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -163,14 +164,42 @@ def render_task(task: evolve_pb2.Task, *, all_hparams: bool = False) -> str:
     return "\n".join(lines)
 
 
+def planned_generations(meta: evolve_pb2.OperationMetadata) -> int:
+    return meta.generations or meta.plan.generations
+
+
+def generation_text(meta: evolve_pb2.OperationMetadata, state: str) -> str:
+    """"2/5", or for an operation that has not started "queued, 5 planned" (never "0/0")."""
+    generations = planned_generations(meta)
+    if state == "QUEUED" or (not meta.generation and state == "RUNNING"):
+        return f"{state.lower()}, {generations} planned" if generations else state.lower()
+    return f"{meta.generation}/{generations}" if generations else "-"
+
+
+def current_task_text(meta: evolve_pb2.OperationMetadata) -> str:
+    """For an improvement of every ready task: which task its progress is of, e.g. "digits (task 2 of 3)"."""
+    if meta.task or not meta.current_task:
+        return ""
+    tasks = list(meta.tasks)
+    where = f" (task {tasks.index(meta.current_task) + 1} of {len(tasks)})" if meta.current_task in tasks else ""
+    return f"{meta.current_task}{where}"
+
+
 def render_operation(operation: evolve_pb2.Operation) -> str:
     meta = operation.metadata
     state = client_lib.operation_state_name(operation)
     text = f"{operation.name}: {meta.kind or 'search'} of {meta.task or 'all tasks'} {state}"
-    if meta.generations:
-        text += f", generation {meta.generation}/{meta.generations}, {meta.candidates_scored} candidates scored"
+    current = current_task_text(meta)
+    if current:
+        text += f"; {'now' if state == 'RUNNING' else 'last'} {current}"
+    if meta.generation:
+        text += (f", generation {meta.generation}/{planned_generations(meta)}, "
+                 f"{meta.candidates_scored} candidates scored")
+    elif planned_generations(meta) and state in ("QUEUED", "RUNNING"):
+        text += f", {planned_generations(meta)} generations planned"
     if meta.best_score or meta.best_quality:
-        text += f", best score {meta.best_score:.4f} (validation {percent(meta.best_quality)})"
+        of = f" of {meta.current_task}" if current else ""
+        text += f", best score{of} {meta.best_score:.4f} (validation {percent(meta.best_quality)})"
     if meta.plan.description:
         text += f"\n  budget: {meta.plan.description}"
     if operation.HasField("error"):
@@ -185,9 +214,10 @@ def render_operations(operations: Sequence[evolve_pb2.Operation]) -> str:
     for op in operations:
         meta = op.metadata
         created = meta.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if meta.HasField("create_time") else "-"
-        rows.append((op.name, meta.kind or "-", meta.task or "(all)", client_lib.operation_state_name(op),
-                     f"{meta.generation}/{meta.generations}", meta.candidates_scored, f"{meta.best_score:.4f}",
-                     created))
+        state = client_lib.operation_state_name(op)
+        task = meta.task or (f"(all) {meta.current_task}" if meta.current_task else "(all)")
+        rows.append((op.name, meta.kind or "-", task, state, generation_text(meta, state), meta.candidates_scored,
+                     f"{meta.best_score:.4f}", created))
     return table(rows, ("NAME", "KIND", "TASK", "STATE", "GENERATION", "SCORED", "BEST SCORE", "CREATED"))
 
 
@@ -230,25 +260,71 @@ def _seconds(event: evolve_pb2.Event) -> float:
     return event.time.ToNanoseconds() / 1e9 if event.HasField("time") else time.time()
 
 
+def clock_text(seconds: float) -> str:
+    """12s, 3m05s, 1h02m."""
+    seconds = max(round(seconds), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def eta_seconds(elapsed: float, fraction: float) -> float | None:
+    """Seconds left if the rest goes as fast as what is done: the observed time
+    per candidate (elapsed / candidates done, a generation's candidates counted
+    by the training steps they did) times the candidates the plan has left."""
+    if fraction <= 0.0 or elapsed <= 0.0:
+        return None
+    return elapsed * max(1.0 - fraction, 0.0) / fraction
+
+
+STATUS_TICK_S = 1.0  # how often a terminal's live line is redrawn
+PROGRESS_LINE_S = 10.0  # off a terminal, at most one training progress line this often per search
+
+
 class _Progress:
-    """Per-operation progress for the bar."""
+    """Per-search progress for the live line: the plan, where the search is, and when it began."""
 
     def __init__(self, task: str, first_event_time: float):
         self.task = task
-        self.started = time.monotonic()
+        # The local clock at the search's first event, even when that event is a replay.
+        self.started = time.monotonic() - min(max(time.time() - first_event_time, 0.0), 7 * 86400.0)
         self.first_event_time = first_event_time
         self.generation = 0
         self.generations = 0
         self.candidates = 0
         self.scored_in_generation = 0
+        self.step = 0
+        self.steps = 0
+        self.examples_per_second = 0.0
         self.best_score: float | None = None
         self.best_path = ""
+        self.last_progress_line = -math.inf  # event time of the last progress line (off a terminal)
+
+    def plan(self, plan: evolve_pb2.SearchPlan) -> None:
+        self.generations = plan.generations or self.generations
+        self.candidates = plan.candidates_per_generation or self.candidates
+        self.steps = int(plan.steps_per_candidate) or self.steps
 
     def fraction(self) -> float:
-        if not self.generations or not self.candidates:
+        """Of the planned candidates, how much is done; inside a generation by training steps."""
+        if not self.generations or not self.candidates or not self.generation:
             return 0.0
-        done = (max(self.generation, 1) - 1) * self.candidates + min(self.scored_in_generation, self.candidates)
-        return min(done / (self.generations * self.candidates), 1.0)
+        in_generation = min(self.scored_in_generation / self.candidates, 1.0)
+        if self.steps:
+            in_generation = max(in_generation, 0.99 * min(self.step / self.steps, 1.0))  # scoring follows training
+        return min((self.generation - 1 + in_generation) / self.generations, 1.0)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def timing(self, elapsed: float | None = None) -> str:
+        """"elapsed 1m05s, ETA 2m10s" (no ETA before anything is done); `elapsed`
+        defaults to now (the live line), a line printed for an event passes the event's."""
+        elapsed = self.elapsed() if elapsed is None else elapsed
+        eta = eta_seconds(elapsed, self.fraction())
+        return f"elapsed {clock_text(elapsed)}" + (f", ETA {clock_text(eta)}" if eta is not None else "")
 
 
 class EvolutionView:
@@ -259,14 +335,34 @@ class EvolutionView:
     """
 
     def __init__(self, out: TextIO | None = None, *, tty: bool | None = None, json_lines: bool = False,
-                 bar_width: int = 24):
+                 bar_width: int = 24, tick_seconds: float = STATUS_TICK_S,
+                 progress_line_seconds: float = PROGRESS_LINE_S):
         self.out = out or sys.stdout
         self.tty = self.out.isatty() if tty is None else tty
         self.json_lines = json_lines
         self.bar_width = bar_width
+        self.tick_seconds = tick_seconds
+        self.progress_line_seconds = progress_line_seconds
         self._progress: dict[str, _Progress] = {}
         self._active: str | None = None
         self._status_shown = False
+        self._lock = threading.RLock()  # handle() and the ticker both write
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def _start_ticker(self) -> None:
+        """On a terminal, redraws the live line every tick so its clock never freezes between events."""
+        if self._ticker is not None or not self.tty or self.json_lines:
+            return
+        self._ticker = threading.Thread(target=self._tick, name="evolve-view-clock", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.tick_seconds):
+            with self._lock:
+                if self._active is not None:
+                    self._draw_status()
+                    self.out.flush()
 
     # -- output
 
@@ -286,17 +382,19 @@ class EvolutionView:
         filled = int(round(progress.fraction() * self.bar_width))
         bar = "#" * filled + "-" * (self.bar_width - filled)
         best = f"  best {progress.best_score:.4f}" if progress.best_score is not None else ""
-        elapsed = time.monotonic() - progress.started
+        step = f" step {progress.step}/{progress.steps}" if progress.step and progress.steps else ""
         self.out.write(
             f"\r\x1b[K{progress.task} [{bar}] {100 * progress.fraction():3.0f}%  generation "
-            f"{progress.generation}/{progress.generations}{best}  {elapsed:.0f}s"
+            f"{progress.generation}/{progress.generations}{step}{best}  {progress.timing()}"
         )
         self._status_shown = True
 
     def close(self) -> None:
-        """Removes the progress bar (call once the view is done)."""
-        self._clear_status()
-        self.out.flush()
+        """Stops the clock and removes the progress bar (call once the view is done)."""
+        self._stop.set()
+        with self._lock:
+            self._clear_status()
+            self.out.flush()
 
     # -- events
 
@@ -304,14 +402,20 @@ class EvolutionView:
         if self.json_lines:
             print_json(event, self.out, indent=None)
             return
+        with self._lock:
+            self._handle(event)
+        self._start_ticker()
+
+    def _handle(self, event: evolve_pb2.Event) -> None:
         kind = event.WhichOneof("kind")
         key = f"{event.operation}|{event.task}"  # an operation over every task runs one search per task
-        if kind and kind != "checkpoint_written" and key not in self._progress:
+        if kind == "search_started" or (kind and kind != "checkpoint_written" and key not in self._progress):
             self._progress[key] = _Progress(event.task, _seconds(event))
         progress = self._progress.get(key)
         tag = f"[{event.task}]" if event.task else "[system]"
         if kind == "search_started":
             started = event.search_started
+            progress.plan(started.plan)
             self._line(f"{tag} {started.kind} search: {started.plan.description}")
             for probe in started.probes:
                 chosen = f" -> parent of {probe.chosen} ({probe.reason})" if probe.chosen else ""
@@ -319,10 +423,11 @@ class EvolutionView:
         elif kind == "generation_started":
             started = event.generation_started
             progress.generation, progress.generations = started.generation, started.generations
-            progress.candidates, progress.scored_in_generation = started.candidates, 0
+            progress.candidates, progress.scored_in_generation, progress.step = started.candidates, 0, 0
             self._active = key
+            timing = f", {progress.timing(_seconds(event) - progress.first_event_time)}" if started.generation > 1 else ""
             self._line(f"{tag} generation {started.generation}/{started.generations}: "
-                       f"{started.candidates} candidates  ({event.operation or 'no operation'})")
+                       f"{started.candidates} candidates  ({event.operation or 'no operation'}{timing})")
             self._line("  " + _row(CANDIDATE_HEADER))
         elif kind == "candidate_scored":
             scored = event.candidate_scored
@@ -334,6 +439,20 @@ class EvolutionView:
                 "yes" if scored.accepted_into_population else "no", _mutations(scored.mutations),
             )
             self._line("  " + _row(cells))
+        elif kind == "training_progress":
+            moved = event.training_progress
+            progress.generation, progress.generations = moved.generation, moved.generations
+            progress.candidates = moved.candidates or progress.candidates
+            progress.step, progress.steps = moved.step, moved.steps
+            progress.examples_per_second = moved.examples_per_second
+            self._active = key
+            at = _seconds(event)
+            if not self.tty and at - progress.last_progress_line >= self.progress_line_seconds:
+                progress.last_progress_line = at  # off a terminal: a plain line now and then
+                self._line(f"{tag} generation {moved.generation}/{moved.generations}: step {moved.step}/"
+                           f"{moved.steps} of {moved.candidates} candidates, "
+                           f"{moved.examples_per_second:,.0f} examples/s, "
+                           f"{progress.timing(at - progress.first_event_time)}")
         elif kind == "candidate_accepted":
             accepted = event.candidate_accepted
             progress.best_score = accepted.score

@@ -279,6 +279,8 @@ def operation_to_proto(record: "OperationRecord", task: "TaskInfo | None" = None
         best_quality=record.best_quality,
         create_time=timestamp(record.create_time),
         update_time=timestamp(record.update_time),
+        current_task=record.current_task,
+        tasks=list(record.tasks),
     )
     if record.plan is not None:
         metadata.plan.CopyFrom(plan_to_proto(record.plan))
@@ -328,6 +330,11 @@ def event_to_proto(logged: "LoggedEvent") -> evolve_pb2.Event:
     elif isinstance(event, domain_events.CheckpointWritten):
         message.checkpoint_written.CopyFrom(evolve_pb2.CheckpointWritten(
             step=event.step, directory=event.directory, new_components=event.new_components
+        ))
+    elif isinstance(event, domain_events.TrainingProgress):
+        message.training_progress.CopyFrom(evolve_pb2.TrainingProgress(
+            generation=event.generation + 1, generations=event.generations, candidates=event.candidates,
+            step=event.step, steps=event.steps, examples_per_second=event.examples_per_second,
         ))
     return message
 

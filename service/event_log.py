@@ -12,7 +12,11 @@ saved as its evolve.events dataclass (`dataclasses.asdict` plus the class
 name), the list as zlib-compressed JSON in one base64 string: the manifest is
 rewritten on every save, so it stays small (about 75 bytes per event).
 Restored events keep their sequence numbers and times, so WatchEvolution
-replays a search's history after a restart exactly as it was streamed.
+replays a search's history after a restart exactly as it was streamed. The
+transient kinds (evolve.events.TRANSIENT_EVENTS: TrainingProgress, one every
+few seconds while a search trains) are saved under their own bound, the newest
+SAVED_TRANSIENT_PER_TASK per task: a replay after a long search lacks its
+older progress reports (their sequence numbers are gaps), never its candidates.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from evolve.events import Event
+from evolve.events import TRANSIENT_EVENTS, Event
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,10 @@ DEFAULT_RETENTION = 10_000
 SAVED_PER_TASK = 200
 SAVED_TOTAL = 2_000
 SAVED_FORMAT = 1
+# Transient kinds (TrainingProgress) are saved under their own bound, so a long
+# search's progress reports never push its candidates out of the history.
+SAVED_TRANSIENT_PER_TASK = 20
+SAVED_TRANSIENT_TOTAL = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +135,11 @@ class EventLog:
         log's lock: appends (under the engine's lock) never wait on a save."""
         with self._condition:
             last = self._last
-            kept = newest_per_task(self._events, per_task, total)
+            events = list(self._events)
+            kept = newest_per_task([e for e in events if not is_transient(e)], per_task, total)
+            progress = newest_per_task([e for e in events if is_transient(e)], SAVED_TRANSIENT_PER_TASK,
+                                       SAVED_TRANSIENT_TOTAL)
+            kept = sorted(kept + progress, key=lambda e: e.sequence)
         with self._encode_lock:
             rows = {e.sequence: self._rows.get(e.sequence) or event_row(e) for e in kept}
             self._rows = rows  # forget what is no longer saved
@@ -154,6 +166,13 @@ class EventLog:
                 self._last = max(self._last, older[-1].sequence)
             self._condition.notify_all()
         return len(older)
+
+
+def is_transient(logged: LoggedEvent) -> bool:
+    """Progress events have their own, small saved bound: a search reports one
+    every few seconds, and counted with the rest they would push its history
+    out of SAVED_PER_TASK."""
+    return isinstance(logged.event, TRANSIENT_EVENTS)
 
 
 def newest_per_task(events: Sequence[LoggedEvent], per_task: int, total: int) -> list[LoggedEvent]:

@@ -22,9 +22,10 @@ import base64
 import collections
 import dataclasses
 import logging
+import sys
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from google.rpc import code_pb2, status_pb2
 
@@ -98,6 +99,8 @@ class OperationRecord:
     error: OperationError | None = None
     cancel_requested: bool = False
     plan: SearchPlan | None = None  # the budget, known before the search runs
+    current_task: str = ""  # an improvement of every ready task: the task searched now
+    tasks: tuple[str, ...] = ()  # ... and every task it searches, in run order
 
     @property
     def done(self) -> bool:
@@ -123,6 +126,7 @@ class OperationRecord:
         record = cls(**{k: v for k, v in data.items() if k in fields})
         record.error = OperationError.decode(error) if error else None
         record.plan = SearchPlan(**plan) if plan else None
+        record.tasks = tuple(record.tasks)
         return record
 
 
@@ -242,6 +246,7 @@ class Jobs:
             self._engine.add_task(spec)
             record = self._create(EXTENSION, spec.name, "submit", request_id)
             record.plan = self._engine.search_plan(spec.name, EXTENSION)
+            record.generations = record.plan.generations if record.plan else 0
             self._acknowledge(record, undo=lambda: self._engine.forget_task(spec.name))
             self._enqueue(record.name)
             logger.info("%s: extension search of %s queued", record.name, spec.name)
@@ -261,6 +266,7 @@ class Jobs:
             kind = self._improvement_kind(task)
             record = self._create(kind, task, "improve", request_id)
             record.plan = self._engine.search_plan(task, kind) if task else None
+            record.generations = record.plan.generations if record.plan else 0
             self._acknowledge(record)
             self._enqueue(record.name)
             logger.info("%s: %s search of %s queued", record.name, kind, task or "every ready task")
@@ -489,7 +495,10 @@ class Jobs:
     def _run(self, record: OperationRecord, cancel: threading.Event) -> tuple[str, OperationError | None]:
         """Runs an operation's searches; returns its next state and error."""
         try:
-            for task in self._tasks_of(record):
+            tasks = self._tasks_of(record)
+            with self._condition:
+                record.tasks = tuple(tasks) if not record.task else ()
+            for task in tasks:
                 self._begin_task(record, task)
                 self._engine.run_search(
                     task, record.kind, cancel=cancel,
@@ -515,14 +524,22 @@ class Jobs:
         return SUCCEEDED, None
 
     def _tasks_of(self, record: OperationRecord) -> list[str]:
+        """The task of an operation, or every READY task in submission order."""
         if record.task:
             return [record.task]
-        return [info.name for info in self._engine.tasks() if info.status == "READY"]
+        ready = [info.name for info in self._engine.tasks() if info.status == "READY"]
+        with self._condition:
+            first = {}
+            for other in sorted(self._records.values(), key=lambda r: r.number):
+                if other.task:
+                    first.setdefault(other.task, other.number)
+        return submission_order(ready, first)
 
     def _begin_task(self, record: OperationRecord, task: str) -> None:
         info = self._engine.task(task)
         with self._condition:
             record.generation = 0
+            record.current_task = "" if record.task else task
             record.best_score = info.best_score or 0.0
             record.best_quality = info.validation_accuracy or 0.0
             record.update_time = time.time()
@@ -538,6 +555,12 @@ class Jobs:
     def _set_final(self, record: OperationRecord, state: str, error: OperationError | None) -> None:
         record.state, record.error, record.update_time = state, error, time.time()
         self._condition.notify_all()
+
+
+def submission_order(tasks: Sequence[str], first_operation: Mapping[str, int]) -> list[str]:
+    """Tasks in the order they were submitted: by the number of their first
+    operation still recorded; tasks without one last, by name."""
+    return sorted(tasks, key=lambda t: (first_operation.get(t, sys.maxsize), t))
 
 
 def _apply_progress(record: OperationRecord, event: domain_events.Event) -> None:

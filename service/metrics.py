@@ -290,6 +290,8 @@ class ServerMetrics:
             searches[event.task] = _SearchProgress(event.plan.kind, at, event.plan.examples_per_candidate)
             self.tasks.of(event.task)
             return False
+        if isinstance(event, domain_events.TrainingProgress):
+            return False  # throughput comes from CandidateScored; progress events are transient
         name = getattr(event, "task", "")
         task = self.tasks.of(name)
         progress = searches.get(name)

@@ -13,7 +13,8 @@ import dataclasses
 import logging
 import math
 import threading
-from typing import Any, ContextManager, Mapping, Sequence
+import time
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -21,7 +22,9 @@ import numpy as np
 from evolve.config import SearchConfig
 from evolve.data import ImageSet, TaskData
 from evolve.errors import CancelledError
-from evolve.events import CandidateAccepted, CandidateScored, EventCallback, GenerationStarted, SearchStarted
+from evolve.events import (
+    CandidateAccepted, CandidateScored, EventCallback, GenerationStarted, SearchStarted, TrainingProgress,
+)
 from evolve.models import cost, vit
 from evolve.search import mutation, probe, scoring, selection
 from evolve.search.budget import EXTENSION, SearchPlan
@@ -67,6 +70,32 @@ def generation_data_hparams(
     return mutation.sample_data_hparams(base, config, rng)
 
 
+PROGRESS_SECONDS = 2.0  # at most one TrainingProgress event this often per search
+
+
+class ProgressThrottle:
+    """Says whether a progress report is due: at most one per `interval`
+    seconds, the first one `interval` after `start`, and always the last step
+    of a generation that has already reported (so a shown count reaches its total)."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self.started = clock()
+        self._last = self.started
+        self._reported = False
+
+    def due(self, step: int, steps: int) -> bool:
+        now = self.clock()
+        if now - self._last >= self.interval or (self._reported and step >= steps):
+            self._last, self._reported = now, True
+            return True
+        return False
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+
 @dataclasses.dataclass
 class Draft:
     """A child draft with everything planning needs, captured under the lock."""
@@ -100,6 +129,7 @@ class TaskIteration:
         devices: Sequence[jax.Device],
         emit: EventCallback,
         cancel: threading.Event | None = None,
+        progress_seconds: float = PROGRESS_SECONDS,
     ):
         self.system = system
         self.lock = lock
@@ -114,6 +144,7 @@ class TaskIteration:
         self.devices = list(devices)
         self.emit = emit
         self.cancel = cancel
+        self.progress_seconds = progress_seconds
         self.probes: list[probe.ParentProbe] = []
 
     # ---- the loop ------------------------------------------------------
@@ -148,6 +179,7 @@ class TaskIteration:
             results = loop.train_candidates(
                 [p.plan for p in planned], self.data, self._train_settings(), data_hparams,
                 seed=int(rng.integers(2**31)), devices=self.devices, cancel=self.cancel,
+                on_step=self._progress_reporter(generation, len(planned)),
             )
             self._check_cancel()
             with self.lock:
@@ -157,6 +189,19 @@ class TaskIteration:
                 leader_id = leader.id
                 self.emit(CandidateAccepted(self.task, leader.id, leader.score or 0.0, leader.quality or 0.0))
         return population
+
+    def _progress_reporter(self, generation: int, candidates: int) -> Callable[[int, int], None]:
+        """A train_candidates step callback emitting throttled TrainingProgress events."""
+        throttle = ProgressThrottle(self.progress_seconds)
+        examples_per_step = self.plan.batch_size * candidates
+
+        def report(step: int, steps: int) -> None:
+            if throttle.due(step, steps):
+                rate = step * examples_per_step / max(throttle.elapsed(), 1e-9)
+                self.emit(TrainingProgress(self.task, generation, self.plan.generations, candidates, step, steps,
+                                           round(rate, 1)))
+
+        return report
 
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():

@@ -208,8 +208,12 @@ def train_candidates(
     seed: int,
     devices: Sequence[jax.Device] | None = None,
     cancel: threading.Event | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[TrainResult]:
-    """Trains every plan for settings.rounds rounds, validating after each."""
+    """Trains every plan for settings.rounds rounds, validating after each.
+
+    `on_step(steps done, total steps)` is called after every step has been
+    dispatched to every candidate (it must be cheap; it never waits on a device)."""
     devices = list(devices or jax.local_devices())
     steps_per_round = settings.steps_per_round
     total_steps = steps_per_round * settings.rounds
@@ -230,6 +234,8 @@ def train_candidates(
             for state in states:  # dispatch all candidates before waiting on any
                 state.step(step_index, by_size[state.plan.structure.image_size], labels)
             step_index += 1
+            if on_step is not None:
+                on_step(step_index, total_steps)
         for state in states:
             size = state.plan.structure.image_size
             state.validate(validation[size], data.validation.labels, settings.eval_batch_size)

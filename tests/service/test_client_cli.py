@@ -683,7 +683,8 @@ def test_watch_replays_a_finished_search(server, client, digits_operation):
     sequences = [int(e["sequence"]) for e in events]
     assert sequences == sorted(set(sequences)) and all(e["operation"] == name for e in events)
     kinds = [next(k for k in e if k in ("search_started", "generation_started", "candidate_scored",
-                                        "candidate_accepted", "search_finished", "checkpoint_written"))
+                                        "candidate_accepted", "search_finished", "checkpoint_written",
+                                        "training_progress"))
              for e in events]
     assert kinds[:2] == ["search_started", "generation_started"]
     assert "candidate_scored" in kinds and "search_finished" in kinds
@@ -807,3 +808,45 @@ def test_cli_relative_npz_path_reaches_the_server_absolute_and_watch_interrupt(s
     finally:
         client.cancel_operation(name)
         assert client.wait_done(name, timeout=120).done
+
+
+def _status_draws(text: str) -> list[str]:
+    """The live line's drawings, in order."""
+    return [part.split("\n")[0] for part in text.split("\r\x1b[K")[1:] if part.strip()]
+
+
+def test_live_clock_and_eta_over_a_real_search_and_improve_all_in_submission_order(server, client,
+                                                                                   digits_operation):
+    """Watching a search on a terminal: the elapsed clock moves between events
+    and an ETA appears once a candidate is done. Improve-all then runs digits
+    (submitted first) before alpha (alphabetically first), each search labelled
+    by its own task, never "(all)" with another task's score."""
+    spec = types.TaskSpec("alpha", types.BundledSource("digits"), types.SearchBudget(generations=3))
+    operation = client.submit_task(spec)
+    queued = cli.render_operation(operation)
+    assert "generation 0/" not in queued and "0/0" not in cli.render_operations([operation])
+    out = io.StringIO()
+    view = cli.EvolutionView(out, tty=True, tick_seconds=0.1)
+    started = time.monotonic()
+    cli.follow_operations(client, [operation.name], view, task="alpha")
+    took = time.monotonic() - started
+    draws = _status_draws(out.getvalue())
+    handled = out.getvalue().count("\n")  # every handled event printed at least one line
+    assert len(draws) > handled, "the live line is redrawn between events, not only when one arrives"
+    elapsed = [int(d.split("elapsed ")[1].split("s")[0]) for d in draws if "elapsed " in d and "m" not in
+               d.split("elapsed ")[1].split(",")[0]]
+    assert elapsed == sorted(elapsed) and elapsed[-1] >= min(int(took) - 1, 2), (took, draws[-3:])
+    assert any("ETA " in d for d in draws) and "generation 3/3" in out.getvalue()
+
+    result = evolve_cli(server, "improve", "--watch")  # every ready task; stdout is a pipe: plain lines
+    text = result.stdout
+    assert "\r" not in text and "\x1b" not in text
+    finished = [line for line in text.splitlines() if "search SUCCEEDED" in line]
+    assert [line.split("]")[0] for line in finished] == ["[digits", "[alpha"], text
+    assert "last alpha (task 2 of 2)" in text.splitlines()[-1] or "last alpha (task 2 of 2)" in text, text
+    name = text.split(":", 1)[0]
+    listed = evolve_cli(server, "operations").stdout
+    row = next(line for line in listed.splitlines() if line.startswith(name + " "))
+    assert "(all) alpha" in row, listed
+    meta = client.get_operation(name).metadata
+    assert list(meta.tasks) == ["digits", "alpha"] and meta.current_task == "alpha" and not meta.task

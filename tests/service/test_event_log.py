@@ -191,3 +191,22 @@ def test_jobs_save_the_events_with_every_checkpoint_and_restore_them():
     assert [(e.sequence, e.time, e.operation, e.event) for e in replayed] == [
         (e.sequence, e.time, e.operation, e.event) for e in streamed
     ]
+
+
+def test_progress_events_round_trip_and_never_push_a_search_out_of_the_saved_history():
+    progress = ev.TrainingProgress("digits", 1, 4, 2, 37, 120, 1234.5)
+    restored = decode_events(encode_events([event_log.LoggedEvent(1, 2.5, "operations/1", progress)]))
+    assert restored[0].event == progress and restored[0].sequence == 1
+    log = EventLog()
+    for generation in range(10):  # a long search: many more progress reports than candidates
+        log.append(ev.GenerationStarted("digits", generation, 10, 2), "operations/1")
+        for step in range(30):
+            log.append(ev.TrainingProgress("digits", generation, 10, 2, step + 1, 30, 100.0), "operations/1")
+    _, data = log.saved_state(per_task=10, total=100)
+    saved = decode_events(data)
+    kinds = [type(e.event) for e in saved]
+    assert kinds.count(ev.GenerationStarted) == 10, "the bounded history keeps every generation"
+    assert kinds.count(ev.TrainingProgress) == event_log.SAVED_TRANSIENT_PER_TASK
+    newest = [e.sequence for e in log.read(0)[0] if isinstance(e.event, ev.TrainingProgress)]
+    assert [e.sequence for e in saved if isinstance(e.event, ev.TrainingProgress)] == newest[-20:]
+    assert [e.sequence for e in saved] == sorted(e.sequence for e in saved)

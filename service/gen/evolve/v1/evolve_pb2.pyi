@@ -201,7 +201,7 @@ class ListTasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class OperationMetadata(_message.Message):
-    __slots__ = ("kind", "task", "state", "generation", "generations", "candidates_scored", "best_score", "best_quality", "create_time", "update_time", "plan")
+    __slots__ = ("kind", "task", "state", "generation", "generations", "candidates_scored", "best_score", "best_quality", "create_time", "update_time", "plan", "current_task", "tasks")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,8 @@ class OperationMetadata(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_TASK_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     task: str
     state: OperationState
@@ -224,7 +226,9 @@ class OperationMetadata(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     plan: SearchPlan
-    def __init__(self, kind: _Optional[str] = ..., task: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., generation: _Optional[int] = ..., generations: _Optional[int] = ..., candidates_scored: _Optional[int] = ..., best_score: _Optional[float] = ..., best_quality: _Optional[float] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., plan: _Optional[_Union[SearchPlan, _Mapping]] = ...) -> None: ...
+    current_task: str
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[str] = ..., task: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., generation: _Optional[int] = ..., generations: _Optional[int] = ..., candidates_scored: _Optional[int] = ..., best_score: _Optional[float] = ..., best_quality: _Optional[float] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., plan: _Optional[_Union[SearchPlan, _Mapping]] = ..., current_task: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchPlan(_message.Message):
     __slots__ = ("generations", "candidates_per_generation", "rounds", "examples_per_round", "batch_size", "steps_per_candidate", "train_examples", "validation_examples", "description")
@@ -456,8 +460,24 @@ class CheckpointWritten(_message.Message):
     new_components: int
     def __init__(self, step: _Optional[int] = ..., directory: _Optional[str] = ..., new_components: _Optional[int] = ...) -> None: ...
 
+class TrainingProgress(_message.Message):
+    __slots__ = ("generation", "generations", "candidates", "step", "steps", "examples_per_second")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    generations: int
+    candidates: int
+    step: int
+    steps: int
+    examples_per_second: float
+    def __init__(self, generation: _Optional[int] = ..., generations: _Optional[int] = ..., candidates: _Optional[int] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., examples_per_second: _Optional[float] = ...) -> None: ...
+
 class Event(_message.Message):
-    __slots__ = ("sequence", "time", "task", "operation", "generation_started", "candidate_scored", "candidate_accepted", "search_finished", "checkpoint_written", "search_started")
+    __slots__ = ("sequence", "time", "task", "operation", "generation_started", "candidate_scored", "candidate_accepted", "search_finished", "checkpoint_written", "search_started", "training_progress")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -468,6 +488,7 @@ class Event(_message.Message):
     SEARCH_FINISHED_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     SEARCH_STARTED_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     time: _timestamp_pb2.Timestamp
     task: str
@@ -478,7 +499,8 @@ class Event(_message.Message):
     search_finished: SearchFinished
     checkpoint_written: CheckpointWritten
     search_started: SearchStarted
-    def __init__(self, sequence: _Optional[int] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., task: _Optional[str] = ..., operation: _Optional[str] = ..., generation_started: _Optional[_Union[GenerationStarted, _Mapping]] = ..., candidate_scored: _Optional[_Union[CandidateScored, _Mapping]] = ..., candidate_accepted: _Optional[_Union[CandidateAccepted, _Mapping]] = ..., search_finished: _Optional[_Union[SearchFinished, _Mapping]] = ..., checkpoint_written: _Optional[_Union[CheckpointWritten, _Mapping]] = ..., search_started: _Optional[_Union[SearchStarted, _Mapping]] = ...) -> None: ...
+    training_progress: TrainingProgress
+    def __init__(self, sequence: _Optional[int] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., task: _Optional[str] = ..., operation: _Optional[str] = ..., generation_started: _Optional[_Union[GenerationStarted, _Mapping]] = ..., candidate_scored: _Optional[_Union[CandidateScored, _Mapping]] = ..., candidate_accepted: _Optional[_Union[CandidateAccepted, _Mapping]] = ..., search_finished: _Optional[_Union[SearchFinished, _Mapping]] = ..., checkpoint_written: _Optional[_Union[CheckpointWritten, _Mapping]] = ..., search_started: _Optional[_Union[SearchStarted, _Mapping]] = ..., training_progress: _Optional[_Union[TrainingProgress, _Mapping]] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "datatype", "data")
