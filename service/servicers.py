@@ -17,7 +17,7 @@ import numpy as np
 
 import evolve
 from evolve.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
-from service import converters, operation_filter
+from service import converters, operation_filter, triton_extensions
 from service.errors import UnavailableError
 from service.event_log import EventLog
 from service.gen.evolve.v1 import evolve_pb2, evolve_pb2_grpc
@@ -91,6 +91,7 @@ class Backend:
         self._draining = False
         self._serving = False
         self.long_calls = LongCalls(max_long_calls, max_long_calls_per_peer)
+        self.model_stats = triton_extensions.ModelStats()  # Predict and ModelInfer, per task version
 
     def attach(self, engine: Any, jobs: Jobs, events: EventLog) -> None:
         self._loaded = Loaded(engine, jobs, events)
@@ -230,8 +231,9 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
 
     def Predict(self, request, context):
         loaded = self._backend.require()
-        images = converters.images_from_predict_request(request)
-        return converters.predict_response(predict(loaded.engine, request.task, images))
+        with triton_extensions.counting(self._backend.model_stats, loaded.engine.task, request.task, "") as run:
+            images = converters.images_from_predict_request(request)
+            return converters.predict_response(run.predict(predict, loaded.engine, request.task, images))
 
     def GetSystem(self, request, context):
         loaded = self._backend.require()
@@ -242,6 +244,7 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
         if not request.name:
             raise InvalidArgumentError("name", "a task name is required")
         loaded.jobs.delete_task(request.name)
+        self._backend.model_stats.forget(request.name)
         return evolve_pb2.DeleteTaskResponse(name=request.name)
 
 
@@ -280,7 +283,9 @@ class InferenceServicer(infer_pb2_grpc.GRPCInferenceServiceServicer):
         return infer_pb2.ModelReadyResponse(ready=ready)
 
     def ServerMetadata(self, request, context):
-        return infer_pb2.ServerMetadataResponse(name=SERVER_NAME, version=evolve.__version__, extensions=[])
+        return infer_pb2.ServerMetadataResponse(
+            name=SERVER_NAME, version=evolve.__version__, extensions=list(triton_extensions.EXTENSIONS)
+        )
 
     def ModelMetadata(self, request, context):
         loaded = self._backend.require()
@@ -289,11 +294,34 @@ class InferenceServicer(infer_pb2_grpc.GRPCInferenceServiceServicer):
         info = loaded.engine.task(request.name)
         if request.version and request.version != str(info.path_version):
             raise NotFoundError("model version", f"{request.name}/{request.version}")
-        return converters.model_metadata(info)
+        return triton_extensions.model_metadata(info)
 
     def ModelInfer(self, request, context):
         loaded = self._backend.require()
-        outputs = converters.requested_outputs(request)
-        images = converters.images_from_infer_request(request)
-        prediction = predict(loaded.engine, request.model_name, images, request.model_version, field="model_name")
-        return converters.infer_response(prediction, request, outputs)
+        stats = self._backend.model_stats
+        with triton_extensions.counting(stats, loaded.engine.task, request.model_name, request.model_version) as run:
+            outputs = converters.requested_outputs(request)
+            images = converters.images_from_infer_request(request)
+            prediction = run.predict(
+                predict, loaded.engine, request.model_name, images, request.model_version, field="model_name"
+            )
+            return converters.infer_response(prediction, request, outputs)
+
+    def ModelConfig(self, request, context):
+        loaded = self._backend.require()
+        if not request.name:
+            raise InvalidArgumentError("name", "a model name is required")
+        info = loaded.engine.task(request.name)
+        if request.version and request.version != str(info.path_version):
+            raise NotFoundError("model version", f"{request.name}/{request.version}")
+        return triton_extensions.model_config(info, loaded.engine.options.max_predict_batch)
+
+    def ModelStatistics(self, request, context):
+        loaded = self._backend.require()
+        return triton_extensions.statistics(
+            self._backend.model_stats, loaded.engine.tasks(), request.name, request.version
+        )
+
+    def RepositoryIndex(self, request, context):
+        loaded = self._backend.require()
+        return triton_extensions.repository_index(loaded.engine.tasks(), request.ready)

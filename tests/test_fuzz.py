@@ -90,6 +90,9 @@ METHODS = {
     INFER + "ServerMetadata": (infer_pb2.ServerMetadataRequest, False),
     INFER + "ModelMetadata": (infer_pb2.ModelMetadataRequest, False),
     INFER + "ModelInfer": (infer_pb2.ModelInferRequest, False),
+    INFER + "ModelConfig": (infer_pb2.ModelConfigRequest, False),
+    INFER + "ModelStatistics": (infer_pb2.ModelStatisticsRequest, False),
+    INFER + "RepositoryIndex": (infer_pb2.RepositoryIndexRequest, False),
     LRO + "GetOperation": (operations_pb2.GetOperationRequest, False),
     LRO + "ListOperations": (operations_pb2.ListOperationsRequest, False),
     LRO + "CancelOperation": (operations_pb2.CancelOperationRequest, False),
@@ -361,7 +364,9 @@ class Generator:
             elif roll < 0.9:
                 request.encoded.CopyFrom(self.encoded())
             return request
-        if name in ("ModelReady", "ModelMetadata"):
+        if name == "RepositoryIndex":
+            return infer_pb2.RepositoryIndexRequest(repository_name=rng.choice(["", s()]), ready=rng.random() < 0.5)
+        if name in ("ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics"):
             return METHODS[method][0](name=rng.choice(["digits", s()]), version=rng.choice(["", "0", "1", s()]))
         if name == "ModelInfer":
             return self.infer()
