@@ -785,17 +785,17 @@ def test_cli_relative_npz_path_reaches_the_server_absolute_and_watch_interrupt(s
     command = [sys.executable, "-m", "service.cli", "--server", server.address, "submit", "relative",
                "--npz", "rel/task.npz", "--generations", "50", "--watch"]
     watching = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    name = ""
     try:
         first = watching.stdout.readline()  # the operation, printed before the watch starts
         assert first.startswith("operations/"), first + watching.stderr.read()
         name = first.split(":", 1)[0]
-        time.sleep(1.0)
+        # Interrupt once the watch shows the search (not while it still sets up).
+        deadline = time.monotonic() + 120
+        while "generation" not in watching.stdout.readline() and time.monotonic() < deadline:
+            pass
         watching.send_signal(signal.SIGINT)
-        _, err = watching.communicate(timeout=30)
-    finally:
-        if watching.poll() is None:
-            watching.kill()
-    try:
+        _, err = watching.communicate(timeout=60)
         assert watching.returncode == 130, err
         assert f"stopped following {name}; the operation goes on on the server" in err
         assert f"watch --operation {name}" in err and f"cancel {name}" in err and "Traceback" not in err
@@ -806,8 +806,11 @@ def test_cli_relative_npz_path_reaches_the_server_absolute_and_watch_interrupt(s
         assert waited.returncode == 1 and f"waiting for {name}" in waited.stderr
         assert f"{name} is not done after 2 s" in waited.stderr
     finally:
-        client.cancel_operation(name)
-        assert client.wait_done(name, timeout=120).done
+        if watching.poll() is None:
+            watching.kill()
+        if name:  # never leave the 50-generation search to later tests
+            client.cancel_operation(name)
+            assert client.wait_done(name, timeout=120).done
 
 
 def _status_draws(text: str) -> list[str]:
