@@ -864,7 +864,11 @@ def _interrupted(args: argparse.Namespace, name: str) -> int:
                f"`{again} watch --operation {name}` or `{again} operation {name} --wait`; "
                f"stop it with `{again} cancel {name}`")
     report_error(args, message, error_record("INTERRUPTED", message, operation=name), leading_newline=True)
-    return 130
+    # Nothing is left to save here: leave at once rather than wait for the
+    # watch's gRPC threads and channel to wind down at interpreter exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def cmd_submit(client, args) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import signal
 import socket
@@ -784,7 +785,9 @@ def test_cli_relative_npz_path_reaches_the_server_absolute_and_watch_interrupt(s
     write_npz_task(tmp_path / "rel" / "task.npz", data.train.images[:400], data.train.labels[:400])
     command = [sys.executable, "-m", "service.cli", "--server", server.address, "submit", "relative",
                "--npz", "rel/task.npz", "--generations", "50", "--watch"]
-    watching = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT dumps every thread's stack
+    watching = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
     name = ""
     try:
         first = watching.stdout.readline()  # the operation, printed before the watch starts
@@ -795,7 +798,11 @@ def test_cli_relative_npz_path_reaches_the_server_absolute_and_watch_interrupt(s
         while "generation" not in watching.stdout.readline() and time.monotonic() < deadline:
             pass
         watching.send_signal(signal.SIGINT)
-        _, err = watching.communicate(timeout=60)
+        try:
+            _, err = watching.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            watching.send_signal(signal.SIGABRT)
+            raise AssertionError("the CLI did not stop on SIGINT:\n" + watching.communicate(timeout=30)[1][-6000:])
         assert watching.returncode == 130, err
         assert f"stopped following {name}; the operation goes on on the server" in err
         assert f"watch --operation {name}" in err and f"cancel {name}" in err and "Traceback" not in err
