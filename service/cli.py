@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -1134,6 +1135,10 @@ def _serve(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Ctrl-C must reach the watch even when started from a background job,
+    # which inherits SIGINT ignored (and then Python installs no handler).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(json_errors="--json" in argv)
     args, extra = parser.parse_known_args(argv)
