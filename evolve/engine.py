@@ -447,13 +447,12 @@ class Engine:
         checkpoint has committed. A failed save (StorageError) undoes every
         change, so the task stays as it was. The path to serve is compiled
         first, outside the lock: once READY, its first Predict is fast."""
-        if population:
-            self._warm_up_path(task, selection.prune(population, 1)[0])
+        if not population:
+            raise RuntimeError("the search produced no path")
+        best = selection.prune(population, 1)[0]
+        warmed = self._warm_up_path(task, best)
         with self._lock:
-            if not population:
-                raise RuntimeError("the search produced no path")
             before = self.system.snapshot()
-            best = selection.prune(population, 1)[0]
             previous = self.system.best_path(task)
             if previous is None or best.id != previous.id:
                 replaced = previous or self.system.paths.get(self.system.damaged_best.get(task, ""))
@@ -472,7 +471,7 @@ class Engine:
             except Exception:
                 self.system.revert(before)
                 raise
-            self._serve(task)
+            self._serve(task, warmed)
         return best
 
     def _structure(self, task: str, path: Path) -> PathStructure:
@@ -485,8 +484,14 @@ class Engine:
 
     # ---- serving -----------------------------------------------------------
 
-    def _serve(self, task: str) -> None:
-        self._served[task] = self._served_model(task, self.system.best_path(task))
+    def _serve(self, task: str, warmed: ServedModel | None = None) -> None:
+        """Serves the task's best path; `warmed` is that path already on the
+        device (from the warm-up), taken with the version it got since."""
+        path = self.system.best_path(task)
+        if warmed is not None and warmed.path_id == path.id:
+            self._served[task] = dataclasses.replace(warmed, version=path.version)
+        else:
+            self._served[task] = self._served_model(task, path)
 
     def _served_model(self, task: str, path: Path) -> ServedModel:
         structure = self._structure(task, path)
@@ -526,17 +531,19 @@ class Engine:
                     result.tasks, result.executables, list(buckets), result.seconds)
         return result
 
-    def _warm_up_path(self, task: str, path: Path) -> None:
-        """Compiles a path's predict step before it serves (outside the lock)."""
+    def _warm_up_path(self, task: str, path: Path) -> ServedModel | None:
+        """Compiles a path's predict step before it serves (outside the lock);
+        returns it on the device, or None when it is served already."""
         current = self._served.get(task)
         if current is not None and current.path_id == path.id:
-            return  # the served path stays: warm already
+            return None  # the served path stays: warm already
         with self._lock:
             served = self._served_model(task, path)
         started = time.perf_counter()
         compiled = sum(self._warm_program(served, bucket) for bucket in self.warm_buckets())
         logger.info("%s: path %s warmed for Predict (%d new program(s), %.1f s)", task, path.id, compiled,
                     time.perf_counter() - started)
+        return served
 
     def _warm_program(self, served: ServedModel, bucket: int) -> int:
         """Runs the predict step once at this bucket unless done before; returns 1 if it ran."""

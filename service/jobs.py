@@ -281,10 +281,14 @@ class Jobs:
         if info.status == "READY":
             return GENERALIZATION
         with self._condition:
-            busy = any(r.task == task and not r.done for r in self._records.values())
+            busy = bool(self._unfinished(task))
         if busy:
             raise FailedPreconditionError("TASK_NOT_READY", f"task {task!r} is still waiting for its first search")
         return EXTENSION
+
+    def _unfinished(self, task: str) -> list[str]:
+        """Names of the queued or running operations of one task (hold `_condition`)."""
+        return [r.name for r in self._records.values() if not r.done and r.task == task]
 
     def _by_request(self, scope: str, request_id: str) -> OperationRecord | None:
         if not request_id:
@@ -310,7 +314,7 @@ class Jobs:
             with self._condition:
                 if self._stopping:
                     raise UnavailableError("the server is shutting down", retry_after_s=5.0)
-                busy = [r.name for r in self._records.values() if not r.done and r.task == task]
+                busy = self._unfinished(task)
                 if self._running and not self._records[self._running].task:
                     busy.append(self._running)  # an improvement of every task may reach it
             if busy:
