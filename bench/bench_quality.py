@@ -275,9 +275,9 @@ def run_evolved(tasks: Sequence[PreparedTask], config: SearchConfig, seed: int, 
         task_started = time.perf_counter()
         engine.add_task(TaskSpec(name=prepared.name, source=NpzSource(path=prepared.npz_path),
                                  budget=SearchBudget(generations=generations)))
-        plan = engine.search_plan(prepared.name)
-        examples[prepared.name] = plan.candidates * plan.examples_per_candidate
         engine.run_search(prepared.name)
+        plan = engine.search_plan(prepared.name)  # known once the search has loaded the data
+        examples[prepared.name] = plan.candidates * plan.examples_per_candidate
         seconds[prepared.name] = time.perf_counter() - task_started
         info = engine.task(prepared.name)
         logger.info("seed %d gens %d: %s searched in %.1fs (engine validation %.4f, test %.4f, %.0f%% params "
@@ -713,7 +713,7 @@ def print_summary(report: Mapping[str, Any]) -> None:
         print(f"  seed {s}: baselines (scratch + finetune) {entry['baseline_seconds']:.1f}s, "
               f"evolved runs by generations {evolved_times}")
     print(f"  classical baselines {report['classical_seconds']:.1f}s; wall {report['wall_seconds']:.1f}s")
-    print("  examples = generations x candidates x train_rounds x ceil(min(train, examples_per_round)/batch) x batch")
+    print("  examples = candidates (all generations) x train_rounds x ceil(examples_per_round / batch) x batch")
 
 
 def finite(value: Any) -> Any:

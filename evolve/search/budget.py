@@ -24,6 +24,14 @@ class SearchPlan:
     batch_size: int
     train_examples: int  # size of the task's training split
     validation_examples: int  # examples candidates are ranked on
+    # The first generation of an extension search may train more candidates:
+    # one per probe-chosen parent and the fine-tune of the best-probing one.
+    first_generation_candidates: int = 0  # 0: candidates_per_generation
+
+    def candidates_in(self, generation: int) -> int:
+        if generation == 0 and self.first_generation_candidates:
+            return self.first_generation_candidates
+        return self.candidates_per_generation
 
     @property
     def steps_per_round(self) -> int:
@@ -39,15 +47,21 @@ class SearchPlan:
 
     @property
     def candidates(self) -> int:
-        return self.generations * self.candidates_per_generation
+        return sum(self.candidates_in(g) for g in range(self.generations))
 
     @property
     def epochs_per_candidate(self) -> float:
         return self.examples_per_candidate / max(self.train_examples, 1)
 
     def describe(self) -> str:
+        first = self.candidates_in(0)
+        if self.generations and first != self.candidates_per_generation:
+            shape = (f"{self.generations} generations, {first} candidates in the first and "
+                     f"{self.candidates_per_generation} in each later one")
+        else:
+            shape = f"{self.generations} generations x {self.candidates_per_generation} candidates"
         return (
-            f"{self.generations} generations x {self.candidates_per_generation} candidates; each candidate "
+            f"{shape}; each candidate "
             f"trains {self.steps_per_candidate} steps of {self.batch_size} "
             f"({self.examples_per_candidate} examples, {self.epochs_per_candidate:.1f} epochs of "
             f"{self.train_examples} training images) and is validated {self.rounds} times on "
@@ -67,12 +81,18 @@ def search_plan(
     """The task's budget overrides, else the configuration's.
 
     Without an override a generation trains at least one candidate per
-    device, rounded up to whole devices (DESIGN §3.6).
+    device, rounded up to whole devices (DESIGN §3.6). The first generation
+    of an extension search trains at least two when the configuration
+    fine-tunes there (`finetune_first_candidate`): one that shares the
+    best-probing parent's components and one that fine-tunes them all.
     """
     candidates = budget.candidates_per_generation
     if not candidates:
         devices = max(num_devices, 1)
         candidates = devices * math.ceil(max(config.candidates_per_generation, devices) / devices)
+    first = 0
+    if kind == EXTENSION and config.finetune_first_candidate and candidates < 2:
+        first = 2
     return SearchPlan(
         kind=kind,
         generations=budget.generations or config.generations,
@@ -82,4 +102,5 @@ def search_plan(
         batch_size=config.batch_size,
         train_examples=train_examples,
         validation_examples=min(validation_examples, config.validation_examples),
+        first_generation_candidates=first,
     )

@@ -161,12 +161,12 @@ class TaskIteration:
         leader_id = population[0].id if population else None
         for generation in range(self.plan.generations):
             self._check_cancel()
-            self.emit(GenerationStarted(self.task, generation, self.plan.generations, self.plan.candidates_per_generation))
+            count = self.plan.candidates_in(generation)
+            self.emit(GenerationStarted(self.task, generation, self.plan.generations, count))
             rng = np.random.default_rng([self.seed, generation])
             with self.lock:
                 data_hparams = generation_data_hparams(population, self.config, rng)
                 parents = first_parents if generation == 0 and first_parents else []
-                count = self.plan.candidates_per_generation
                 drafts = [
                     self._draft(population, data_hparams, rng, parents[i] if i < len(parents) else None,
                                 clone_all=bool(parents) and self.config.finetune_first_candidate and i == count - 1)
@@ -363,7 +363,7 @@ class TaskIteration:
             (self.data.validation.images, self.data.validation.labels), self.num_classes,
             batch_size=min(self.config.eval_batch_size, 256), device=self.devices[0],
         )
-        chosen = probe.choose_first_parents(probes, self.plan.candidates_per_generation, self.config.probe_tolerance)
+        chosen = probe.choose_first_parents(probes, self.plan.candidates_in(0), self.config.probe_tolerance)
         for p in chosen:
             logger.info("task %s: probe of %s (%s) %.3f in %.2fs%s", self.task, p.path_id, p.task, p.accuracy,
                         p.seconds, f"; parent of {p.chosen}: {p.reason}" if p.chosen else "")

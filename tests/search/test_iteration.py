@@ -12,8 +12,9 @@ import pytest
 from evolve.data import ImageSet, TaskData
 from evolve.data.arrays import ValidationSplit
 from evolve.engine import Engine
+from evolve.events import CandidateScored, GenerationStarted
 from evolve.search import iteration, probe
-from evolve.search.budget import EXTENSION, search_plan
+from evolve.search.budget import EXTENSION, GENERALIZATION, search_plan
 from evolve.system import TaskRecord
 from evolve.types import ROOT_TASK, BundledSource, Component, ParentProbe, Path, SearchBudget, TaskSpec
 from tests.conftest import tiny_config
@@ -203,6 +204,26 @@ def test_candidates_per_generation_scale_with_devices_unless_overridden():
     assert candidates(8, candidates_per_generation=1) == 1
 
 
+def test_one_candidate_per_generation_still_shares_and_fine_tunes_in_the_first():
+    """With one candidate per generation, an extension search's first generation
+    trains two (a sharing and a fine-tuning child); later ones and a
+    generalization search train one; the budget counts and says so."""
+    config = tiny_config(candidates_per_generation=1)
+    plan = search_plan(config, SearchBudget(generations=4), kind=EXTENSION, train_examples=10, validation_examples=10)
+    assert [plan.candidates_in(g) for g in range(4)] == [2, 1, 1, 1]
+    assert plan.candidates == 5
+    assert "2 candidates in the first and 1 in each later one" in plan.describe()
+    general = search_plan(config, SearchBudget(generations=4), kind=GENERALIZATION, train_examples=10,
+                          validation_examples=10)
+    assert [general.candidates_in(g) for g in range(4)] == [1, 1, 1, 1] and general.candidates == 4
+    plain = search_plan(dataclasses.replace(config, finetune_first_candidate=False), SearchBudget(generations=4),
+                        kind=EXTENSION, train_examples=10, validation_examples=10)
+    assert plain.candidates == 4
+    two = search_plan(tiny_config(candidates_per_generation=2), SearchBudget(generations=4), kind=EXTENSION,
+                      train_examples=10, validation_examples=10)
+    assert two.candidates == 8 and two.first_generation_candidates == 0
+
+
 def test_validation_is_sized_by_fraction_with_a_floor_and_capped_for_ranking():
     split = ValidationSplit(fraction=0.2, min_examples=200)
     assert [split.size(n) for n in (100, 700, 4000)] == [30, 200, 800]
@@ -263,3 +284,22 @@ def test_the_first_generations_last_candidate_fine_tunes_its_parent_in_full():
     assert any(s.mode == "frozen" for s in shared.child.sources.values())
     assert all(s.mode != "frozen" for s in full.child.sources.values())
     assert full.child.mutations[-1] == "clone:all"
+
+
+def test_with_one_candidate_per_generation_the_first_trains_a_sharing_and_a_fine_tuning_child():
+    engine = _engine(candidates_per_generation=1, generations=2, train_rounds=1, examples_per_round=64)
+    for component in engine.system.components.values():
+        component.trained = True
+    events = []
+    data = _data()
+    plan = search_plan(engine.system.config, SearchBudget(), kind=EXTENSION, train_examples=len(data.train),
+                       validation_examples=len(data.validation))
+    run = iteration.TaskIteration(engine.system, threading.RLock(), "t", data, plan, seed=0,
+                                  devices=engine.devices, emit=events.append)
+    run.run()
+    started = [e for e in events if isinstance(e, GenerationStarted)]
+    scored = [e for e in events if isinstance(e, CandidateScored)]
+    assert [e.candidates for e in started] == [2, 1]
+    assert [e.generation for e in scored] == [0, 0, 1]
+    first = [e for e in scored if e.generation == 0]
+    assert "clone:all" not in first[0].mutations and first[1].mutations[-1] == "clone:all"
