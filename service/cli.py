@@ -3,6 +3,7 @@
     evolve serve --port 8500 --state-dir state/       start a server
     evolve submit digits --bundled digits --watch     add a task, follow its search
     evolve tasks | task NAME | operations | system    inspect
+    evolve report --out report/                       an HTML page with plots and the sharing graph
     evolve predict digits --images a.png b.png        classify images
     evolve demo                                       the whole story on the bundled tasks
 
@@ -37,6 +38,7 @@ from google.protobuf.message import Message
 from evolve import __version__, types
 from evolve.errors import EvolveError
 from service import client as client_lib
+from service import report as report_page
 from service.gen.evolve.v1 import evolve_pb2
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -768,6 +770,17 @@ def build_parser(json_errors: bool = False) -> argparse.ArgumentParser:
 
     command("health", "the server's health status")
 
+    report = command("report", "write an HTML page about the system: score and accuracy per generation, the "
+                               "accepted lineage, learned mutation probabilities, parameters and FLOPs, the "
+                               "sharing graph (inline SVG, works offline)")
+    report.add_argument("--out", default="evolve-report", metavar="DIR",
+                        help="directory to write index.html into, created if missing (default %(default)s)")
+    report.add_argument("--graph", choices=("auto", "graphviz", "builtin"), default="auto",
+                        help="who lays out the sharing graph: Graphviz's dot when installed (auto), or the "
+                             "builtin layered layout (default %(default)s)")
+    report.add_argument("--replay-wait", type=float, default=2.0, metavar="SECONDS",
+                        help="the event replay is over once no event came for this long (default %(default)s)")
+
     export = commands.add_parser(
         "export", help="write a READY task's model as a standalone artefact (offline, from a state directory)",
         description="Writes the served model of TASK, as the newest checkpoint in the state directory holds it, "
@@ -1037,6 +1050,30 @@ def cmd_system(client, args) -> int:
     return EXIT_OK
 
 
+def cmd_report(client, args) -> int:
+    if args.replay_wait <= 0:
+        raise UsageError("--replay-wait must be positive")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a directory")
+    tasks = client.list_tasks()
+    summary = client.system()
+    # Connecting and the first replayed event take longer than the gaps inside the replay.
+    first_wait = max(args.replay_wait, 5.0) if tasks else args.replay_wait
+    events = report_page.collect_events(client.watch(), idle_seconds=args.replay_wait, first_event_seconds=first_wait)
+    page = report_page.render_html(report_page.build_report(tasks, summary, events, server=args.server),
+                                   graph_layout=args.graph)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "index.html")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(page)
+    os.replace(path + ".tmp", path)  # a reader never sees half a page
+    if args.json:
+        print_json({"path": os.path.abspath(path), "tasks": len(tasks), "events": len(events)})
+    else:
+        print(f"report of {len(tasks)} tasks ({len(events)} events) written to {path}")
+    return EXIT_OK
+
+
 def cmd_health(client, args) -> int:
     status = client.health()
     print_json({"status": status}) if args.json else print(status)
@@ -1121,7 +1158,7 @@ def report_error(args: argparse.Namespace, text: str, record: dict[str, Any], *,
 COMMANDS: dict[str, Callable[[client_lib.EvolveClient, argparse.Namespace], int]] = {
     "submit": cmd_submit, "improve": cmd_improve, "tasks": cmd_tasks, "task": cmd_task, "watch": cmd_watch,
     "predict": cmd_predict, "cancel": cmd_cancel, "delete": cmd_delete, "operations": cmd_operations, "operation": cmd_operation,
-    "system": cmd_system, "health": cmd_health,
+    "system": cmd_system, "health": cmd_health, "report": cmd_report,
 }
 
 
