@@ -39,6 +39,7 @@ from evolve import __version__, types
 from evolve.errors import EvolveError
 from service import client as client_lib
 from service import report as report_page
+from service.report import human, percent  # one number formatting for the CLI and the page
 from service.gen.evolve.v1 import evolve_pb2
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -69,19 +70,6 @@ def to_jsonable(value: Any) -> Any:
 
 def print_json(value: Any, out: TextIO | None = None, *, indent: int | None = 2) -> None:
     print(json.dumps(to_jsonable(value), indent=indent, sort_keys=False), file=out or sys.stdout, flush=True)
-
-
-def human(value: float) -> str:
-    """A count with an SI suffix: 950, 12.3k, 4.56M, 7.8G."""
-    value = float(value)
-    for limit, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= limit:
-            return f"{value / limit:.3g}{suffix}"
-    return f"{value:.0f}" if value == int(value) else f"{value:.3g}"
-
-
-def percent(fraction: float) -> str:
-    return f"{100.0 * fraction:.1f}%"
 
 
 def short_id(identifier: str, width: int = 14) -> str:

@@ -316,7 +316,8 @@ def esc(value: object) -> str:
 
 
 def human(value: float) -> str:
-    """A count with an SI suffix: 950, 12.3k, 4.56M."""
+    """A count with an SI suffix: 950, 12.3k, 4.56M, 7.8G."""
+    value = float(value)
     for limit, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= limit:
             return f"{value / limit:.3g}{suffix}"
