@@ -41,6 +41,9 @@ class CandidateScored:
     accepted_into_population: bool
     train_seconds: float
     compile_seconds: float
+    # The candidate's learned mutation probabilities (its "_mu_" and
+    # "_mu_|<action>" hyperparameters), sorted by key.
+    learned_mu: tuple[tuple[str, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

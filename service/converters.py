@@ -318,6 +318,7 @@ def event_to_proto(logged: "LoggedEvent") -> evolve_pb2.Event:
             flops=event.flops, mutations=list(event.mutations),
             accepted_into_population=event.accepted_into_population,
             train_seconds=event.train_seconds, compile_seconds=event.compile_seconds,
+            learned_mu=dict(event.learned_mu),
         ))
     elif isinstance(event, domain_events.CandidateAccepted):
         message.candidate_accepted.CopyFrom(evolve_pb2.CandidateAccepted(

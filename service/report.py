@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal, Protocol
 
 from service.gen.evolve.v1 import evolve_pb2
@@ -59,6 +59,7 @@ class Candidate:
     flops: float
     mutations: tuple[str, ...]
     accepted_into_population: bool
+    learned_mu: tuple[tuple[str, float], ...] = ()  # its "_mu_" hyperparameters, sorted by key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +279,7 @@ def searches_from_events(events: Iterable[evolve_pb2.Event]) -> list[Search]:
                 sequence=event.sequence, generation=c.generation, path_id=c.path_id, parent_id=c.parent_id,
                 parent_task=c.parent_task, score=c.score, quality=c.quality, params=c.params, flops=c.flops,
                 mutations=tuple(c.mutations), accepted_into_population=c.accepted_into_population,
+                learned_mu=tuple(sorted(c.learned_mu.items())),
             ))
         elif kind == "candidate_accepted":
             accepted = event.candidate_accepted
@@ -540,39 +542,79 @@ def mutation_rates(search: Search) -> dict[str, dict[int, float]]:
             for kind in kinds}
 
 
+def mu_kind(key: str) -> str:
+    """The action a learned-mu key belongs to: "_mu_|add:residual_adapter_1" -> "add:residual_adapter";
+    the global rate "_mu_" stays "_mu_"."""
+    return mutation_kind(key.split("|", 1)[1]) if "|" in key else key
+
+
+def learned_mu_means(search: Search) -> dict[str, dict[int, float]]:
+    """Per action kind and generation: the mean learned probability over the generation's candidates
+    (and over the action's instances, e.g. every block's clone)."""
+    sums: dict[str, dict[int, list[float]]] = {}
+    for candidate in search.candidates:
+        for key, value in candidate.learned_mu:
+            sums.setdefault(mu_kind(key), {}).setdefault(candidate.generation, []).append(value)
+    return {kind: {g: sum(v) / len(v) for g, v in sorted(by_generation.items())}
+            for kind, by_generation in sorted(sums.items(), key=lambda item: _mu_order(item[0]))}
+
+
 def mutation_rate_plot(task: str, searches: Sequence[Search]) -> str:
     """The share of candidates per generation that drew each kind of mutation: the learned mu at work."""
+    return _per_generation_plot(
+        task, searches, mutation_rates, y_label="share of candidates", y_max=1.0, point_class="rate",
+        element_id=f"mutation-rates-{task}", css_class="plot mutation-rate-plot", empty="no mutations recorded",
+        title=f"mutations drawn per generation, task {task}", describe=lambda kind, value, g:
+        f"{kind}: {percent(value)} of generation {g}")
+
+
+def learned_mu_plot(task: str, searches: Sequence[Search]) -> str:
+    """The learned mutation probabilities per generation (mean over the generation's candidates)."""
+    means = [learned_mu_means(search) for search in searches]
+    top = max([v for by_kind in means for per_g in by_kind.values() for v in per_g.values()] + [0.05])
+    return _per_generation_plot(
+        task, searches, learned_mu_means, y_label="learned probability", y_max=top, point_class="mu",
+        element_id=f"learned-mu-{task}", css_class="plot learned-mu-plot",
+        empty="no learned probabilities in the retained events", title=f"learned mutation probabilities per "
+        f"generation, task {task}", describe=lambda kind, value, g: f"{kind}: {value:.3g} in generation {g}")
+
+
+def _per_generation_plot(task: str, searches: Sequence[Search],
+                         series: Callable[[Search], dict[str, dict[int, float]]], *, y_label: str, y_max: float,
+                         point_class: str, element_id: str, css_class: str, empty: str, title: str,
+                         describe: Callable[[str, float, int], str]) -> str:
+    """One line per kind over the generations of a task's searches, with a legend."""
     slots = slots_of(searches)
     span = sum(max(s.generations, 1) for s in searches) or 1
-    rates = [(slot, mutation_rates(slot.search)) for slot in slots]
-    kinds = sorted({kind for _, by_kind in rates for kind in by_kind})
+    values = [(slot, series(slot.search)) for slot in slots]
+    kinds = sorted({kind for _, by_kind in values for kind in by_kind}, key=_mu_order)
     colors = {kind: PALETTE[i % len(PALETTE)] for i, kind in enumerate(kinds)}
     width = max(360.0, 80.0 * span + 80)
     column = max([text_width(kind, 11) for kind in kinds] + [40.0]) + 24
     per_row = max(int((width - 20) // column), 1)
     legend_rows = math.ceil(len(kinds) / per_row)
     frame = Frame(width=width, height=240.0 + 16 * legend_rows, x_range=(0.4, span + 0.6),
-                  y_range=(0.0, 1.05), bottom=46.0 + 16 * legend_rows)
-    body = _y_axis(frame, "share of candidates", as_percent=True) + _generation_axis(
+                  y_range=(0.0, 1.05 * y_max), bottom=46.0 + 16 * legend_rows)
+    body = _y_axis(frame, y_label, as_percent=y_max == 1.0) + _generation_axis(
         frame, [dataclasses.replace(slot, color="#555") for slot in slots])
-    for slot, by_kind in rates:
+    for slot, by_kind in values:
         for kind, per_generation in by_kind.items():
-            points = [(frame.x(slot.offset + g), frame.y(rate)) for g, rate in per_generation.items()]
-            body.append(f'<polyline class="rate-line" points="{" ".join(f"{_fmt(x)},{_fmt(y)}" for x, y in points)}" '
-                        f'stroke="{colors[kind]}"/>')
-            for (x, y), (generation, rate) in zip(points, per_generation.items()):
-                body.append(f'<circle class="rate" cx="{_fmt(x)}" cy="{_fmt(y)}" r="3" fill="{colors[kind]}" '
-                            f'data-kind="{esc(kind)}" data-generation="{generation}" data-value="{rate:.6g}">'
-                            f'<title>{esc(f"{kind}: {percent(rate)} of generation {generation}")}</title></circle>')
+            points = [(frame.x(slot.offset + g), frame.y(value)) for g, value in per_generation.items()]
+            body.append(f'<polyline class="{point_class}-line" '
+                        f'points="{" ".join(f"{_fmt(x)},{_fmt(y)}" for x, y in points)}" stroke="{colors[kind]}"/>')
+            for (x, y), (generation, value) in zip(points, per_generation.items()):
+                body.append(f'<circle class="{point_class}" cx="{_fmt(x)}" cy="{_fmt(y)}" r="3" '
+                            f'fill="{colors[kind]}" data-kind="{esc(kind)}" data-generation="{generation}" '
+                            f'data-value="{value:.6g}"><title>{esc(describe(kind, value, generation))}</title>'
+                            f'</circle>')
     for i, kind in enumerate(kinds):
         x, y = 10 + (i % per_row) * column, frame.height - 10 - 16 * (legend_rows - 1 - i // per_row)
         body.append(f'<rect x="{_fmt(x)}" y="{_fmt(y - 9)}" width="10" height="10" fill="{colors[kind]}"/>'
                     f'<text class="legend" x="{_fmt(x + 14)}" y="{_fmt(y)}">{esc(kind)}</text>')
     if not kinds:
         body.append(f'<text class="empty" x="{_fmt(frame.width / 2)}" y="{_fmt(frame.height / 2)}" '
-                    f'text-anchor="middle">no mutations recorded</text>')
-    return _svg(f"mutation-rates-{task}", "plot mutation-rate-plot", frame.width, frame.height, body,
-                title=f"mutations drawn per generation, task {task}", task=task, kinds=len(kinds))
+                    f'text-anchor="middle">{esc(empty)}</text>')
+    return _svg(element_id, css_class, frame.width, frame.height, body, title=title, task=task, kinds=len(kinds))
 
 
 def mu_heatmap(tasks: Sequence[TaskRow]) -> str:
@@ -1002,13 +1044,15 @@ def _task_section(report: Report, task: TaskRow) -> str:
             + generation_plot(task.name, searches, "score")
             + generation_plot(task.name, searches, "quality", task.test_accuracy)
             + mutation_rate_plot(task.name, searches)
+            + learned_mu_plot(task.name, searches)
             + "</div><h3>accepted lineage</h3>" + lineage_svg(task.name, searches) + "</section>")
 SEARCHES_NOTE = (
     '<p class="note">One dot per scored candidate (faint: not kept in the population; ringed: became the '
     "search's best), a line through each generation's best; searches of a task (its extension, later "
     "improvements) follow each other on one axis. The diamond is the served model's test accuracy. The "
-    "third plot shows the share of each generation's candidates that drew each kind of mutation: the learned "
-    "mutation probabilities at work. Under each task, the chain of accepted candidates with their "
+    "third plot shows the share of each generation's candidates that drew each kind of mutation, the fourth "
+    "the learned mutation probabilities themselves (the mean over a generation's candidates and over an "
+    "action's instances, e.g. every block's clone). Under each task, the chain of accepted candidates with their "
     "mutations.</p>"
 )
 MU_NOTE = (

@@ -251,14 +251,16 @@ READ_PAGE = r"""(() => {
     return {width: shown.width, height: shown.height, outside: outside(svg),
             candidates: all('circle.candidate', svg).map(c => Number(c.dataset.value)),
             best: all('circle.candidate.best', svg).map(c => c.dataset.path),
-            rates: all('circle.rate', svg).length};
+            rates: all('circle.rate', svg).length,
+            mu: all('circle.mu', svg).map(c => [c.dataset.kind, Number(c.dataset.generation), Number(c.dataset.value)])};
   };
   const tasks = {};
   for (const section of all('section.task')) {
     const task = section.dataset.task;
     const lineage = document.getElementById('lineage-' + task);
     tasks[task] = {score: plot('score-' + task), accuracy: plot('accuracy-' + task),
-                   rates: plot('mutation-rates-' + task), lineage: plot('lineage-' + task),
+                   rates: plot('mutation-rates-' + task), learnedMu: plot('learned-mu-' + task),
+                   lineage: plot('lineage-' + task),
                    steps: lineage ? all('g.lineage-node', lineage).map(n => n.dataset.path) : null,
                    served: lineage ? all('g.lineage-node.served', lineage).map(n => n.dataset.path) : null};
   }
@@ -390,7 +392,16 @@ def test_report_page_in_a_real_browser(browser, pages, system, tmp_path):
         assert len(scores) >= 2
         assert sorted(shown["score"]["candidates"]) == pytest.approx(scores, rel=1e-5)
         assert sorted(shown["accuracy"]["candidates"]) == pytest.approx(qualities, rel=1e-5)
-        for plot in ("score", "accuracy", "rates", "lineage"):
+        # learned probabilities per generation: the mean over the candidates' CandidateScored.learned_mu
+        sums = collections.defaultdict(list)
+        for c in expected["scored"][name]:
+            assert c.learned_mu and "_mu_" in c.learned_mu
+            for key, value in c.learned_mu.items():
+                sums[(report.mu_kind(key), c.generation)].append(value)
+        assert len({generation for _, generation in sums}) >= 1
+        assert {(kind, g): v for kind, g, v in shown["learnedMu"]["mu"]} == pytest.approx(
+            {key: sum(v) / len(v) for key, v in sums.items()}, rel=1e-5)
+        for plot in ("score", "accuracy", "rates", "learnedMu", "lineage"):
             assert shown[plot]["width"] > 100 and shown[plot]["height"] > 100, (name, plot, shown[plot])
             assert shown[plot]["outside"] == 0, (name, plot)  # everything drawn inside its plot
         assert shown["steps"] == expected["accepted"][name]
@@ -485,10 +496,10 @@ def event(sequence: int, task: str, operation: str, **kind) -> evolve_pb2.Event:
     return evolve_pb2.Event(sequence=sequence, task=task, operation=operation, **kind)
 
 
-def scored(path_id: str, generation: int, score: float, parent: str = "p0", mutations=()) -> dict:
+def scored(path_id: str, generation: int, score: float, parent: str = "p0", mutations=(), mu=None) -> dict:
     return {"candidate_scored": evolve_pb2.CandidateScored(
         path_id=path_id, parent_id=parent, parent_task="a", generation=generation, score=score, quality=score,
-        mutations=list(mutations), accepted_into_population=bool(path_id))}
+        mutations=list(mutations), accepted_into_population=bool(path_id), learned_mu=mu or {})}
 
 
 def accepted(path_id: str, score: float) -> dict:
@@ -503,10 +514,12 @@ def test_searches_from_events_split_runs_and_keep_the_first_acceptance():
     events = [
         event(1, "a", "operations/1", **started("extension", 2)),
         event(2, "a", "operations/1", **scored("p1", 1, 0.5, mutations=["hp:learning_rate=0.01", "clone:cls"])),
-        event(3, "a", "operations/1", **scored("", 1, 0.4)),
+        event(3, "a", "operations/1", **scored("", 1, 0.4, mu={"_mu_": 0.1, "_mu_|clone:encoderblock_0": 0.1,
+                                                               "_mu_|clone:encoderblock_1": 0.2})),
         event(4, "a", "operations/1", **accepted("p1", 0.5)),
         event(5, "", "", checkpoint_written=evolve_pb2.CheckpointWritten(step=2)),
-        event(6, "a", "operations/1", **scored("p2", 2, 0.6, parent="p1", mutations=["add:residual_adapter_1"])),
+        event(6, "a", "operations/1", **scored("p2", 2, 0.6, parent="p1", mutations=["add:residual_adapter_1"],
+                                               mu={"_mu_": 0.12, "_mu_|clone:encoderblock_0": 0.08})),
         event(7, "a", "operations/1", **accepted("p2", 0.6)),
         event(8, "a", "operations/1", **accepted("p2", 0.6)),  # an unchanged best re-announced
         event(9, "a", "operations/1", search_finished=evolve_pb2.SearchFinished(path_id="p2", state="SUCCEEDED")),
@@ -525,6 +538,9 @@ def test_searches_from_events_split_runs_and_keep_the_first_acceptance():
     assert first.lineage[1].candidate.parent_id == "p1" and first.finished.path_id == "p2"
     assert report.mutation_rates(first) == {"add:residual_adapter": {1: 0.0, 2: 1.0}, "clone:cls": {1: 0.5, 2: 0.0},
                                             "hp:learning_rate": {1: 0.5, 2: 0.0}}
+    assert report.learned_mu_means(first) == {"_mu_": {1: 0.1, 2: 0.12},
+                                              "clone:encoderblock": {1: pytest.approx(0.15), 2: 0.08}}
+    assert list(report.learned_mu_means(first)) == ["_mu_", "clone:encoderblock"]  # the global rate first
     assert first.generations == 2 and searches[1].generations == 1
     svg = report.lineage_svg("a", searches[:2])
     assert svg.count('class="lineage-node') == 2 and "(the previous best)" in svg and "serves p2" in svg
@@ -594,8 +610,8 @@ def test_every_svg_of_a_page_is_well_formed_xml():
     ])
     page = report.render_html(synthetic_report(searches), graph_layout="builtin")
     svgs = re.findall(r"<svg\b.*?</svg>", page, flags=re.DOTALL)
-    # a's three plots and lineage (b and c have no events), the mu heatmap, two bar charts, the sharing graph
-    assert len(svgs) == 4 + 1 + 2 + 1
+    # a's four plots and lineage (b and c have no events), the mu heatmap, two bar charts, the sharing graph
+    assert len(svgs) == 5 + 1 + 2 + 1
     for svg in svgs:
         ElementTree.fromstring(svg)
     assert "hp:x=&lt;1&amp;2&gt;" in page and "<script" not in page

@@ -399,7 +399,14 @@ class GenerationStarted(_message.Message):
     def __init__(self, generation: _Optional[int] = ..., generations: _Optional[int] = ..., candidates: _Optional[int] = ...) -> None: ...
 
 class CandidateScored(_message.Message):
-    __slots__ = ("path_id", "parent_id", "parent_task", "generation", "score", "quality", "params", "flops", "mutations", "accepted_into_population", "train_seconds", "compile_seconds")
+    __slots__ = ("path_id", "parent_id", "parent_task", "generation", "score", "quality", "params", "flops", "mutations", "accepted_into_population", "train_seconds", "compile_seconds", "learned_mu")
+    class LearnedMuEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     PATH_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_TASK_FIELD_NUMBER: _ClassVar[int]
@@ -412,6 +419,7 @@ class CandidateScored(_message.Message):
     ACCEPTED_INTO_POPULATION_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_MU_FIELD_NUMBER: _ClassVar[int]
     path_id: str
     parent_id: str
     parent_task: str
@@ -424,7 +432,8 @@ class CandidateScored(_message.Message):
     accepted_into_population: bool
     train_seconds: float
     compile_seconds: float
-    def __init__(self, path_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., parent_task: _Optional[str] = ..., generation: _Optional[int] = ..., score: _Optional[float] = ..., quality: _Optional[float] = ..., params: _Optional[float] = ..., flops: _Optional[float] = ..., mutations: _Optional[_Iterable[str]] = ..., accepted_into_population: bool = ..., train_seconds: _Optional[float] = ..., compile_seconds: _Optional[float] = ...) -> None: ...
+    learned_mu: _containers.ScalarMap[str, float]
+    def __init__(self, path_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., parent_task: _Optional[str] = ..., generation: _Optional[int] = ..., score: _Optional[float] = ..., quality: _Optional[float] = ..., params: _Optional[float] = ..., flops: _Optional[float] = ..., mutations: _Optional[_Iterable[str]] = ..., accepted_into_population: bool = ..., train_seconds: _Optional[float] = ..., compile_seconds: _Optional[float] = ..., learned_mu: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CandidateAccepted(_message.Message):
     __slots__ = ("path_id", "score", "quality")
