@@ -152,11 +152,19 @@ class SystemSummary:
 PREDICT_BUCKETS_KEY = "predict_buckets"  # the engine's own entry in a checkpoint's `extra`
 
 
-def enable_compilation_cache(directory: str) -> None:
-    """JAX's persistent compilation cache under the state directory."""
+def enable_compilation_cache(directory: str, max_bytes: int = 0, min_compile_seconds: float = 0.5) -> None:
+    """JAX's persistent compilation cache under the state directory.
+
+    With `max_bytes` > 0 JAX itself evicts the least recently used programs
+    once the directory grows past it (`jax_compilation_cache_max_size`), so
+    the cache of a server that has tried many structures stays bounded.
+    """
+    if max_bytes < 0:
+        raise ValueError(f"compilation cache bound must be >= 0 bytes, got {max_bytes}")
     os.makedirs(directory, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+    jax.config.update("jax_compilation_cache_max_size", int(max_bytes) if max_bytes else -1)
 
 
 class Engine:

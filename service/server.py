@@ -55,6 +55,7 @@ class ServerOptions:
     grace_seconds: float = 30.0
     workers: int = 32
     compilation_cache_dir: str | None = None  # None: <state_dir>/xla_cache; "": off
+    compilation_cache_mb: int = 2048  # least recently used entries are evicted beyond it; 0: no bound
     port_file: str | None = None
     log_level: str = "INFO"
     startup_delay_seconds: float = 0.0  # for tests of the NOT_SERVING phase
@@ -139,6 +140,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--compilation-cache-dir", default=_env("COMPILATION_CACHE_DIR"),
         help="JAX persistent compilation cache; '' turns it off "
              "[EVOLVE_COMPILATION_CACHE_DIR, default: STATE_DIR/xla_cache]")
+    add("--compilation-cache-mb", type=int,
+        default=int(_env("COMPILATION_CACHE_MB", defaults.compilation_cache_mb)),
+        help="bound of the compilation cache in MiB: JAX evicts the least recently used programs beyond it; "
+             "0: no bound [EVOLVE_COMPILATION_CACHE_MB, %(default)s]")
     add("--port-file", default=_env("PORT_FILE"),
         help="write the bound port to this file once listening (for supervisors and tests)")
     add("--log-level", default=_env("LOG_LEVEL", defaults.log_level), help="[EVOLVE_LOG_LEVEL, %(default)s]")
@@ -222,7 +227,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         data_roots=tuple(os.path.abspath(root) for root in data_roots),
         max_queue=args.max_queue, cycle_idle_seconds=args.cycle_idle_seconds, max_batch=args.max_batch, max_message_mb=args.max_message_mb,
         max_train_examples=args.max_train_examples, seed=args.seed, grace_seconds=args.grace_seconds,
-        workers=args.workers, compilation_cache_dir=args.compilation_cache_dir, port_file=args.port_file,
+        workers=args.workers, compilation_cache_dir=args.compilation_cache_dir,
+        compilation_cache_mb=args.compilation_cache_mb, port_file=args.port_file,
         log_level=args.log_level, startup_delay_seconds=args.startup_delay_seconds, min_free_mb=args.min_free_mb,
         max_waits_per_client=args.max_waits_per_client, max_data_mb=args.max_data_mb,
         allow_download=bool(args.allow_download),
@@ -251,6 +257,8 @@ def validate_options(options: ServerOptions) -> None:
         raise ValueError("--max-waits-per-client must not be negative")
     if options.min_free_mb < 0:
         raise ValueError("--min-free-mb must not be negative")
+    if options.compilation_cache_mb < 0:
+        raise ValueError("--compilation-cache-mb must not be negative")
     if options.devices < 0:
         raise ValueError("--devices must not be negative")
     _validate_tokens(options)
@@ -600,7 +608,7 @@ def load_backend(options: ServerOptions):
     if cache is None:
         cache = os.path.join(state_dir, "xla_cache")
     if cache:
-        enable_compilation_cache(cache)
+        enable_compilation_cache(cache, max_bytes=options.compilation_cache_mb * 2**20)
     devices = jax.local_devices()
     if options.devices:
         if options.devices > len(devices):
