@@ -68,6 +68,8 @@ class SearchConfig:
     default_learning_rate: float = 0.01
     default_warmup: float = 0.1
     default_adapter_dim: int = 32
+    # Random-crop area of a new path (1.0: no crop; the search moves it).
+    default_crop_area: float = 1.0
     # Validation (DESIGN §3b): a source without a validation split gives up
     # this fraction of train, and at least min_validation_examples (never more
     # than 30% of train); candidates are ranked on at most validation_examples.
@@ -98,7 +100,7 @@ class SearchConfig:
             "adapter_dim": self.default_adapter_dim,
             "_mu_": self.default_mu,
             # data augmentation, off by default
-            "crop_area": 1.0,
+            "crop_area": self.default_crop_area,
             "crop_aspect": 1.0,
             "flip": False,
             "brightness": 0.0,
