@@ -1,7 +1,7 @@
 # The evolve server: `evolve serve` on port 8500, state in /var/lib/evolve.
 #
-#   docker build -t evolve .                                   # CPU
-#   docker build -t evolve:cuda12 --build-arg JAX_FLAVOR=cuda12 .   # NVIDIA GPUs
+#   docker build -t evolve -t evolve:0.1.0 .                                         # CPU
+#   docker build -t evolve:cuda12 -t evolve:0.1.0-cuda12 --build-arg JAX_FLAVOR=cuda12 .  # NVIDIA GPUs
 #   docker run -p 8500:8500 -v evolve-state:/var/lib/evolve --stop-timeout 120 evolve
 #   docker run --gpus all ... evolve:cuda12
 #
