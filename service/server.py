@@ -657,6 +657,10 @@ def serve(options: ServerOptions) -> int:
         logger.error("cannot start the server: %s", error)
         return 1
     logger.info("state directory %s locked (pid %d)", lock.state_dir, holder.pid)
+    from evolve.data import tfds_source  # noqa: PLC0415
+
+    # Before any thread serves calls: importing tfds later would race them (see preload).
+    logger.info("tensorflow_datasets %s", "imported" if tfds_source.preload() else "not installed: tfds sources off")
     try:
         server = Server(options)
     except (OSError, RuntimeError, ValueError) as error:

@@ -50,6 +50,24 @@ _PLAIN_SPLIT_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _READ_CHUNK = 1024
 
 
+def preload() -> bool:
+    """Imports tensorflow_datasets now, while nothing else runs; False when it is not installed.
+
+    A long-running process must call this before it starts threads that
+    import anything (a gRPC server does, on every call): tfds's package import
+    runs inside etils' `lazy_imports`, which replaces `builtins.__import__`
+    for the whole process, so an `import` in another thread meanwhile gets a
+    LazyModule instead of the module (grpc's server then fails the call
+    without answering it, and the client waits until its deadline). Once
+    imported, later imports of tfds return the module and patch nothing.
+    """
+    try:
+        import tensorflow_datasets  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+        return False
+    return True
+
+
 def _import_tfds() -> Any:
     """Imports tensorflow_datasets, or says that this server cannot read tfds."""
     try:

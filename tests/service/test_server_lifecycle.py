@@ -54,6 +54,8 @@ def test_exposed_server_warns_and_drains_while_loading(server_factory):
     assert time.monotonic() - started < 20
     log = server.log()
     assert "WITHOUT A TOKEN" in log and "WARNING" in log
+    # tfds is imported before the gRPC server serves a call (evolve.data.tfds_source.preload)
+    assert 0 <= log.index("tensorflow_datasets imported") < log.index("listening on")
 
 
 def test_busy_port_exits_nonzero(server_factory):
