@@ -31,6 +31,19 @@ CROP_AREAS = (0.05, 0.5, 0.95, 1.0)
 CROP_ASPECTS = (0.5, 0.75, 1.0)
 JITTER_DELTAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 
+# Learned mutation probabilities live in a path's hyperparameters (DESIGN §3.2):
+# GLOBAL_MU, the rate at which the others move, and mu_key(action) per action.
+GLOBAL_MU = "_mu_"
+
+
+def mu_key(action: str) -> str:
+    return f"{GLOBAL_MU}|{action}"
+
+
+def is_learned_mu(key: str) -> bool:
+    return key == GLOBAL_MU or key.startswith(GLOBAL_MU + "|")
+
+
 # Hyperparameters that feed the data pipeline; sampled once per generation.
 DATA_HPARAMS = (
     "crop_area",
@@ -98,7 +111,7 @@ class SearchConfig:
             "nesterov": False,
             "image_size": self.default_image_size,
             "adapter_dim": self.default_adapter_dim,
-            "_mu_": self.default_mu,
+            GLOBAL_MU: self.default_mu,
             # data augmentation, off by default
             "crop_area": self.default_crop_area,
             "crop_aspect": 1.0,
@@ -118,7 +131,7 @@ class SearchConfig:
             "momentum": MOMENTUMS,
             "nesterov": (False, True),
             "image_size": self.image_sizes,
-            "_mu_": MU_VALUES,
+            GLOBAL_MU: MU_VALUES,
             "crop_area": CROP_AREAS,
             "crop_aspect": CROP_ASPECTS,
             "flip": (False, True),

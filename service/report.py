@@ -29,12 +29,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal, Protocol
 
+from evolve.config import GLOBAL_MU, is_learned_mu
+from evolve.types import ROOT_TASK  # the locker name of the root model's components
 from service.gen.evolve.v1 import evolve_pb2
 
 logger = logging.getLogger(__name__)
 
-ROOT = "__root__"  # the locker name of the root model's components
-MU_PREFIX = "_mu_"  # `_mu_` (the global rate) and `_mu_|<action>` (one per action)
 GraphLayout = Literal["auto", "graphviz", "builtin"]
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22")
@@ -207,7 +207,7 @@ def collect_events(stream: CancellableStream, *, idle_seconds: float, first_even
 def task_row(task: evolve_pb2.Task) -> TaskRow:
     mu = {}
     for key, value in task.hparams.items():
-        if key == MU_PREFIX or key.startswith(MU_PREFIX + "|"):
+        if is_learned_mu(key):
             try:
                 mu[key] = float(value)
             except ValueError:
@@ -231,7 +231,7 @@ def task_row(task: evolve_pb2.Task) -> TaskRow:
 
 
 def _mu_order(key: str) -> tuple[int, str]:
-    return (0, "") if key == MU_PREFIX else (1, key)
+    return (0, "") if key == GLOBAL_MU else (1, key)
 
 
 class _SearchBuilder:
@@ -778,8 +778,8 @@ def sharing_graph(tasks: Sequence[TaskRow]) -> SharingGraph:
         if len(sharers) > 1:
             groups.setdefault(tuple(sorted(sharers)), []).append(first[component_id])
     nodes, edges = [], []
-    if any(ROOT in sharers for sharers in groups):
-        nodes.append(GraphNode(f"t:{ROOT}", "root", ("root model",), "graph-root"))
+    if any(ROOT_TASK in sharers for sharers in groups):
+        nodes.append(GraphNode(f"t:{ROOT_TASK}", "root", ("root model",), "graph-root"))
     for task in tasks:
         own = [c for c in task.components if users[c.id] == {task.name}]
         nodes.append(GraphNode(f"t:{task.name}", "task", (

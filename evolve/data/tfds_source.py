@@ -62,8 +62,8 @@ def preload() -> bool:
     imported, later imports of tfds return the module and patch nothing.
     """
     try:
-        import tensorflow_datasets  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    except ImportError:
+        _import_tfds()
+    except FailedPreconditionError:
         return False
     return True
 

@@ -70,11 +70,6 @@ def generation_data_hparams(
     return mutation.sample_data_hparams(base, config, rng)
 
 
-def learned_mu(hparams: Mapping[str, Any]) -> tuple[tuple[str, float], ...]:
-    """A path's learned mutation probabilities, sorted by key (DESIGN §3.2)."""
-    return tuple(sorted((k, float(v)) for k, v in hparams.items() if k == "_mu_" or k.startswith("_mu_|")))
-
-
 PROGRESS_SECONDS = 2.0  # at most one TrainingProgress event this often per search
 
 
@@ -317,7 +312,7 @@ class TaskIteration:
                 generation, item.plan.score_of_quality(quality), quality, item.params, item.flops,
                 tuple(item.draft.child.mutations), child is not None,
                 train_seconds=result.train_seconds, compile_seconds=result.compile_seconds,
-                learned_mu=learned_mu(item.draft.child.hparams),
+                learned_mu=mutation.learned_mu(item.draft.child.hparams),
             ))
         population = selection.prune(population, self.config.population_size)
         self.system.populations[self.task] = [p.id for p in population]

@@ -12,7 +12,7 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from evolve.config import DATA_HPARAMS, MU_VALUES, SearchConfig
+from evolve.config import DATA_HPARAMS, GLOBAL_MU, MU_VALUES, SearchConfig, is_learned_mu, mu_key
 from evolve.types import Component, HyperValue, Path
 
 # How a child obtains a component's initial parameters:
@@ -55,8 +55,8 @@ def grid_step(grid: Sequence, value, rng: np.random.Generator):
 def action_fires(hparams: dict[str, HyperValue], action: str, rng: np.random.Generator) -> bool:
     """Learned-mu rule: the action's own mu first moves with probability _mu_,
     then the action fires with probability mu. Updates hparams in place."""
-    key = f"_mu_|{action}"
-    global_mu = float(hparams["_mu_"])
+    key = mu_key(action)
+    global_mu = float(hparams[GLOBAL_MU])
     mu = float(hparams.get(key, global_mu))
     if rng.random() < global_mu:
         mu = float(grid_step(MU_VALUES, mu, rng))
@@ -180,5 +180,10 @@ def sample_data_hparams(
     for name in DATA_HPARAMS:
         if name in grids and action_fires(hparams, f"hp:{name}", rng):
             hparams[name] = grid_step(grids[name], hparams[name], rng)
-    keys = set(DATA_HPARAMS) | {f"_mu_|hp:{name}" for name in DATA_HPARAMS}
+    keys = set(DATA_HPARAMS) | {mu_key(f"hp:{name}") for name in DATA_HPARAMS}
     return {k: v for k, v in hparams.items() if k in keys}
+
+
+def learned_mu(hparams: Mapping[str, HyperValue]) -> tuple[tuple[str, float], ...]:
+    """A path's learned mutation probabilities, sorted by key."""
+    return tuple(sorted((k, float(v)) for k, v in hparams.items() if is_learned_mu(k)))

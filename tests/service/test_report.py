@@ -31,6 +31,7 @@ from xml.etree import ElementTree
 
 import pytest
 
+from evolve.types import ROOT_TASK
 from service import client as client_lib
 from service import report
 from service.gen.evolve.v1 import evolve_pb2
@@ -432,7 +433,7 @@ def check_graph(graph: dict, tasks: dict) -> None:
     assert sorted(graph["tasks"]) == sorted(f"graph-task-{name}" for name in tasks)
     assert len(graph["groups"]) == len(sharing_sets)
     assert graph["edges"] == sum(len(s) for s in sharing_sets)
-    assert graph["roots"] == int(any(report.ROOT in s for s in sharing_sets))
+    assert graph["roots"] == int(any(ROOT_TASK in s for s in sharing_sets))
     assert graph["width"] > 100
     assert overlaps(graph["boxes"]) == []
 
