@@ -31,7 +31,7 @@ import threading
 import time
 import typing
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from evolve.events import TRANSIENT_EVENTS, Event
@@ -113,12 +113,20 @@ class EventLog:
         newer.reverse()
         return newer
 
-    def wait_after(self, sequence: int, timeout: float) -> bool:
-        """Blocks until an event newer than `sequence` exists, the log closes, or
-        the timeout passes; returns whether one exists."""
+    def wait_after(self, sequence: int, timeout: float, keep_waiting: Callable[[], bool] = lambda: True) -> bool:
+        """Blocks until an event newer than `sequence` exists, the log closes,
+        the timeout passes or `keep_waiting` turns false (checked whenever
+        `wake` is called); returns whether one exists."""
         with self._condition:
-            self._condition.wait_for(lambda: self._last > sequence or self._closed, timeout=timeout)
+            self._condition.wait_for(
+                lambda: self._last > sequence or self._closed or not keep_waiting(), timeout=timeout
+            )
             return self._last > sequence
+
+    def wake(self) -> None:
+        """Makes every waiting reader check its `keep_waiting` now (a client left)."""
+        with self._condition:
+            self._condition.notify_all()
 
     def close(self) -> None:
         """Wakes every reader for good (the server is shutting down)."""

@@ -370,7 +370,7 @@ class Jobs:
 
     def wait(self, name: str, timeout: float, keep_waiting: Callable[[], bool] = lambda: True) -> OperationRecord:
         """The operation once done, or as it stands when the timeout passes or
-        `keep_waiting` turns false (checked every second)."""
+        `keep_waiting` turns false (checked every second and on `wake`)."""
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._condition:
             record = self._record(name)
@@ -380,6 +380,11 @@ class Jobs:
                     break
                 self._condition.wait(min(remaining, 1.0))
             return dataclasses.replace(record)
+
+    def wake(self) -> None:
+        """Makes every `wait` check its `keep_waiting` now (a client left)."""
+        with self._condition:
+            self._condition.notify_all()
 
     def cancel(self, name: str) -> OperationRecord:
         """Cancels a queued operation at once, a running one at its next step."""

@@ -11,7 +11,8 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -59,8 +60,15 @@ class LongCalls:
         self._by_peer: dict[str, int] = {}
 
     @contextlib.contextmanager
-    def hold(self, peer: str, method: str) -> Iterator[None]:
-        host = peer_host(peer or "")
+    def hold(self, context: Any, method: str, wake: Callable[[], None]) -> Iterator[None]:
+        """A slot for one waiting call. A call whose client has already left
+        (its deadline passed while it queued for a thread) takes none, and a
+        held slot is given back as soon as the client leaves: `wake` is called
+        then, and the waiting code must check `context.is_active`."""
+        if not context.is_active():
+            yield
+            return
+        host = peer_host(context.peer() or "")
         with self._lock:
             held = sum(self._by_peer.values())
             if held >= self.total:
@@ -74,6 +82,7 @@ class LongCalls:
                     f"{self.per_peer} per client host)", retry_after_s=10.0,
                 )
             self._by_peer[host] = self._by_peer.get(host, 0) + 1
+        context.add_callback(wake)
         try:
             yield
         finally:
@@ -197,7 +206,7 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
         if remaining is not None:
             timeout = min(timeout, max(remaining - 0.2, 0.0))  # answer before the deadline
         loaded.jobs.get(request.name)  # NOT_FOUND before taking a slot
-        with self._backend.long_calls.hold(context.peer(), "WaitOperation"):
+        with self._backend.long_calls.hold(context, "WaitOperation", loaded.jobs.wake):
             record = loaded.jobs.wait(request.name, timeout, keep_waiting=context.is_active)
         return self._operation(loaded, record)
 
@@ -226,7 +235,7 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
         loaded = self._backend.require()
         if request.after_sequence < 0:
             raise InvalidArgumentError("after_sequence", "must not be negative")
-        with self._backend.long_calls.hold(context.peer(), "WatchEvolution"):
+        with self._backend.long_calls.hold(context, "WatchEvolution", loaded.events.wake):
             yield from _follow(loaded.events, request.task, request.after_sequence, context)
 
     def Predict(self, request, context):
@@ -258,7 +267,7 @@ def _follow(events: EventLog, task: str, after: int, context) -> Iterator[evolve
             yield converters.event_to_proto(logged)
         if not context.is_active() or events.closed:
             return
-        events.wait_after(cursor, WATCH_POLL_SECONDS)
+        events.wait_after(cursor, WATCH_POLL_SECONDS, keep_waiting=context.is_active)
 
 
 class InferenceServicer(infer_pb2_grpc.GRPCInferenceServiceServicer):

@@ -201,6 +201,38 @@ def test_a_cancelled_first_search_fails_and_delete_frees_the_name(server):
             np.testing.assert_array_equal(_predict(stub, name), probabilities)
 
 
+def test_a_client_that_leaves_gives_its_waiting_slots_back_at_once(server):
+    """A client's waiting calls hold the per-client bound (8 here) only while
+    the client waits: once their deadlines pass the next one is served at
+    once, not refused until the server's next poll notices (seen in CI as a
+    RESOURCE_EXHAUSTED WaitOperation right after many short watches)."""
+    far = evolve_pb2.WatchEvolutionRequest(after_sequence=10**12)  # nothing to send: each stream just waits
+    with server.channel() as channel:
+        stub = _stub(channel)
+        codes: list = []
+
+        def watch(deadline: float) -> None:
+            try:
+                list(stub.WatchEvolution(far, timeout=deadline))
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+
+        # Deadlines between the server's 1 s polls, so a slot freed only by the poll lingers.
+        threads = [threading.Thread(target=watch, args=(2.5,), daemon=True) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 8, codes
+        codes.clear()
+        watch(0.3)
+        request = evolve_pb2.WaitOperationRequest(name=stub.ListOperations(
+            evolve_pb2.ListOperationsRequest(), timeout=TIMEOUT).operations[0].name, timeout_seconds=1)
+        assert stub.WaitOperation(request, timeout=TIMEOUT).done
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED], codes
+
+
 def test_a_missing_component_damages_only_its_task(server, server_factory):
     """After a restart with one of b's components deleted: the server starts,
     a serves exactly as before, b is DAMAGED (GetTask, ListTasks, GetSystem),
