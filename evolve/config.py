@@ -97,6 +97,9 @@ class SearchConfig:
     # its (best-probing) parent, as a plain fine-tune would: the search then
     # always weighs sharing against a full fine-tune of the closest model.
     finetune_first_candidate: bool = True
+    # Successive halving inside a generation (0: off): after this many rounds
+    # the better half of the candidates trains on with the others' rounds.
+    halving_round: int = 0
 
     @property
     def layer_limit(self) -> int:

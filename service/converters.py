@@ -257,7 +257,7 @@ def plan_to_proto(plan: "SearchPlan") -> evolve_pb2.SearchPlan:
         rounds=plan.rounds, examples_per_round=plan.examples_per_round, batch_size=plan.batch_size,
         steps_per_candidate=plan.steps_per_candidate, train_examples=plan.train_examples,
         validation_examples=plan.validation_examples, description=plan.describe(),
-        first_generation_candidates=plan.first_generation_candidates,
+        first_generation_candidates=plan.first_generation_candidates, halving_round=plan.halving_round,
     )
 
 

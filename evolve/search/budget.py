@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from evolve.config import SearchConfig
+from evolve.train.loop import halving_rounds
 from evolve.types import SearchBudget
 
 EXTENSION = "extension"
@@ -27,6 +28,7 @@ class SearchPlan:
     # The first generation of an extension search may train more candidates:
     # one per probe-chosen parent and the fine-tune of the best-probing one.
     first_generation_candidates: int = 0  # 0: candidates_per_generation
+    halving_round: int = 0  # successive halving after this many rounds; 0: off
 
     def candidates_in(self, generation: int) -> int:
         if generation == 0 and self.first_generation_candidates:
@@ -44,6 +46,11 @@ class SearchPlan:
     @property
     def examples_per_candidate(self) -> int:
         return self.steps_per_candidate * self.batch_size
+
+    def halving_in(self, generation: int) -> tuple[int, int]:
+        """(round after which the worse half of the generation's candidates
+        stops, 0 for none; the rounds a survivor trains)."""
+        return halving_rounds(self.rounds, self.halving_round, self.candidates_in(generation))
 
     @property
     def candidates(self) -> int:
@@ -66,7 +73,15 @@ class SearchPlan:
             f"({self.examples_per_candidate} examples, {self.epochs_per_candidate:.1f} epochs of "
             f"{self.train_examples} training images) and is validated {self.rounds} times on "
             f"{self.validation_examples} images"
+            + self._halving_clause()
         )
+
+    def _halving_clause(self) -> str:
+        halving, survivor = self.halving_in(1 if self.generations > 1 else 0)
+        if not halving:
+            return ""
+        return (f"; after {halving} validations only the better half trains on, for the rounds the others "
+                f"give up ({survivor} validations, {survivor * self.steps_per_round} steps in all)")
 
 
 def search_plan(
@@ -103,4 +118,5 @@ def search_plan(
         train_examples=train_examples,
         validation_examples=min(validation_examples, config.validation_examples),
         first_generation_candidates=first,
+        halving_round=config.halving_round,
     )

@@ -211,6 +211,7 @@ class TaskIteration:
         return loop.TrainSettings(
             batch_size=self.plan.batch_size, rounds=self.plan.rounds,
             examples_per_round=self.plan.examples_per_round, eval_batch_size=self.config.eval_batch_size,
+            halving_round=self.plan.halving_round,
         )
 
     # ---- select and mutate (under the lock) -----------------------------

@@ -57,12 +57,29 @@ class TrainSettings:
     rounds: int
     examples_per_round: int
     eval_batch_size: int
+    # Successive halving (0: off): after this many rounds only the better half
+    # of the candidates trains on, taking over the rounds the others give up.
+    halving_round: int = 0
+
+    def halving(self, candidates: int) -> tuple[int, int]:
+        return halving_rounds(self.rounds, self.halving_round, candidates)
 
     @property
     def steps_per_round(self) -> int:
         """A round is examples_per_round training examples (several epochs of a
         small task), not one epoch (DESIGN §3b)."""
         return math.ceil(self.examples_per_round / self.batch_size)
+
+
+def halving_rounds(rounds: int, halving_round: int, candidates: int) -> tuple[int, int]:
+    """Successive halving of `candidates` that would each train `rounds`
+    rounds: (the round after which the worse half stops, or 0 when there is
+    no halving; the rounds a survivor trains). The survivors share the rounds
+    the others give up, in whole rounds each."""
+    if candidates < 2 or not 0 < halving_round < rounds:
+        return 0, rounds
+    kept = math.ceil(candidates / 2)
+    return halving_round, halving_round + (rounds - halving_round) * candidates // kept
 
 
 _AUGMENTATION_OFF = {"crop_area": 1.0, "flip": False, "brightness": 0.0, "contrast": 0.0,
@@ -153,6 +170,8 @@ class _CandidateState:
         self.momentum = np.float32(plan.hparams.get("momentum", 0.9))
         self.best_score = plan.start_score
         self.best_quality = -math.inf
+        self.own_best = -math.inf  # its best validation score, whatever the bar
+        self.steps = 0
         self.best: tuple[dict, dict] | None = None
         self.compile_seconds = 0.0
         self.started = time.perf_counter()
@@ -172,6 +191,7 @@ class _CandidateState:
             structure=self.plan.structure,
             nesterov=self.nesterov,
         )
+        self.steps += 1
         if steps.TRACE_COUNTS["train_step"] != traces_before:
             self.compile_seconds += time.perf_counter() - started
 
@@ -180,20 +200,21 @@ class _CandidateState:
             self.trainable, self.frozen, images, labels, self.plan.structure, eval_batch_size, self.device
         )
         score = self.plan.score_of_quality(quality)
+        self.own_best = max(self.own_best, score)
         self.best_quality = max(self.best_quality, quality)
         if score >= self.best_score:  # ties accepted, as the reference (DESIGN §3.5)
             self.best_score = score
             self.best_quality = quality
             self.best = jax.device_get((self.trainable, optimizer.momentum_trace(self.opt_state)))
 
-    def result(self, total_steps: int) -> TrainResult:
+    def result(self) -> TrainResult:
         trainable, momentum = self.best if self.best is not None else (None, None)
         return TrainResult(
             trainable=trainable,
             momentum=momentum,
             quality=self.best_quality,
             score=self.best_score,
-            steps=total_steps,
+            steps=self.steps,
             train_seconds=time.perf_counter() - self.started - self.compile_seconds,
             compile_seconds=self.compile_seconds,
         )
@@ -210,15 +231,18 @@ def train_candidates(
     cancel: threading.Event | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> list[TrainResult]:
-    """Trains every plan for settings.rounds rounds, validating after each.
+    """Trains every plan for settings.rounds rounds, validating after each;
+    with successive halving (`settings.halving_round`) the better half by
+    validation score then trains on for the rounds the others give up.
 
     `on_step(steps done, total steps)` is called after every step has been
     dispatched to every candidate (it must be cheap; it never waits on a device)."""
     devices = list(devices or jax.local_devices())
     steps_per_round = settings.steps_per_round
-    total_steps = steps_per_round * settings.rounds
+    halving_round, rounds = settings.halving(len(plans))
+    total_steps = steps_per_round * rounds  # a survivor's schedule
     states = [
-        _CandidateState(plan, devices[i % len(devices)], total_steps, settings.rounds)
+        _CandidateState(plan, devices[i % len(devices)], total_steps, rounds)
         for i, plan in enumerate(plans)
     ]
     image_sizes = sorted({plan.structure.image_size for plan in plans})
@@ -226,17 +250,28 @@ def train_candidates(
     # Validation images are preprocessed once per image size, not per candidate and round.
     validation = {size: preprocess_eval(data.validation.images, size) for size in image_sizes}
     step_index = 0
-    for _ in range(settings.rounds):
+    active = states
+    for round_index in range(rounds):
         for _ in range(steps_per_round):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("search cancelled")
-            by_size, labels = batches.next(image_sizes)
-            for state in states:  # dispatch all candidates before waiting on any
+            by_size, labels = batches.next(sorted({s.plan.structure.image_size for s in active}))
+            for state in active:  # dispatch all candidates before waiting on any
                 state.step(step_index, by_size[state.plan.structure.image_size], labels)
             step_index += 1
             if on_step is not None:
                 on_step(step_index, total_steps)
-        for state in states:
+        for state in active:
             size = state.plan.structure.image_size
             state.validate(validation[size], data.validation.labels, settings.eval_batch_size)
-    return [state.result(total_steps) for state in states]
+        if round_index + 1 == halving_round:
+            active = survivors(active)
+    return [state.result() for state in states]
+
+
+def survivors(states: Sequence[_CandidateState]) -> list[_CandidateState]:
+    """The better half (rounded up) by own best validation score, in their
+    order; ties keep the earlier candidate."""
+    kept = math.ceil(len(states) / 2)
+    ranked = sorted(range(len(states)), key=lambda i: (-states[i].own_best, i))[:kept]
+    return [states[i] for i in sorted(ranked)]

@@ -224,6 +224,20 @@ def test_one_candidate_per_generation_still_shares_and_fine_tunes_in_the_first()
     assert two.candidates == 8 and two.first_generation_candidates == 0
 
 
+def test_the_plan_says_how_successive_halving_spends_the_rounds():
+    config = tiny_config(candidates_per_generation=2, train_rounds=6, examples_per_round=512, batch_size=32,
+                         halving_round=3)
+    plan = search_plan(config, SearchBudget(generations=4), kind=EXTENSION, train_examples=10, validation_examples=10)
+    assert plan.halving_round == 3 and plan.halving_in(1) == (3, 9)
+    assert "after 3 validations only the better half trains on" in plan.describe()
+    assert "(9 validations, 144 steps in all)" in plan.describe()
+    one = search_plan(dataclasses.replace(config, candidates_per_generation=1), SearchBudget(generations=4),
+                      kind=GENERALIZATION, train_examples=10, validation_examples=10)
+    assert one.halving_in(1) == (0, 6) and "better half" not in one.describe()
+    off = search_plan(tiny_config(), SearchBudget(), kind=EXTENSION, train_examples=10, validation_examples=10)
+    assert off.halving_round == 0 and "better half" not in off.describe()
+
+
 def test_validation_is_sized_by_fraction_with_a_floor_and_capped_for_ranking():
     split = ValidationSplit(fraction=0.2, min_examples=200)
     assert [split.size(n) for n in (100, 700, 4000)] == [30, 200, 800]

@@ -231,7 +231,7 @@ class OperationMetadata(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., task: _Optional[str] = ..., state: _Optional[_Union[OperationState, str]] = ..., generation: _Optional[int] = ..., generations: _Optional[int] = ..., candidates_scored: _Optional[int] = ..., best_score: _Optional[float] = ..., best_quality: _Optional[float] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., plan: _Optional[_Union[SearchPlan, _Mapping]] = ..., current_task: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchPlan(_message.Message):
-    __slots__ = ("generations", "candidates_per_generation", "rounds", "examples_per_round", "batch_size", "steps_per_candidate", "train_examples", "validation_examples", "description", "first_generation_candidates")
+    __slots__ = ("generations", "candidates_per_generation", "rounds", "examples_per_round", "batch_size", "steps_per_candidate", "train_examples", "validation_examples", "description", "first_generation_candidates", "halving_round")
     GENERATIONS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_PER_GENERATION_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,7 @@ class SearchPlan(_message.Message):
     VALIDATION_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     FIRST_GENERATION_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    HALVING_ROUND_FIELD_NUMBER: _ClassVar[int]
     generations: int
     candidates_per_generation: int
     rounds: int
@@ -252,7 +253,8 @@ class SearchPlan(_message.Message):
     validation_examples: int
     description: str
     first_generation_candidates: int
-    def __init__(self, generations: _Optional[int] = ..., candidates_per_generation: _Optional[int] = ..., rounds: _Optional[int] = ..., examples_per_round: _Optional[int] = ..., batch_size: _Optional[int] = ..., steps_per_candidate: _Optional[int] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., description: _Optional[str] = ..., first_generation_candidates: _Optional[int] = ...) -> None: ...
+    halving_round: int
+    def __init__(self, generations: _Optional[int] = ..., candidates_per_generation: _Optional[int] = ..., rounds: _Optional[int] = ..., examples_per_round: _Optional[int] = ..., batch_size: _Optional[int] = ..., steps_per_candidate: _Optional[int] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., description: _Optional[str] = ..., first_generation_candidates: _Optional[int] = ..., halving_round: _Optional[int] = ...) -> None: ...
 
 class ParentProbe(_message.Message):
     __slots__ = ("path_id", "task", "accuracy", "seconds", "chosen", "reason")
