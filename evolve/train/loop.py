@@ -146,11 +146,31 @@ def accuracy_on(
     device: jax.Device | None = None,
 ) -> float:
     """Accuracy on already preprocessed images."""
-    correct = 0
+    return accuracy_of(dispatch_counts(trainable, frozen, images, labels, structure, eval_batch_size, device),
+                       len(labels))
+
+
+def dispatch_counts(
+    trainable: Mapping[str, Params],
+    frozen: Mapping[str, Params],
+    images: np.ndarray,
+    labels: np.ndarray,
+    structure: PathStructure,
+    eval_batch_size: int,
+    device: jax.Device | None = None,
+) -> list[jax.Array]:
+    """Dispatches the correct-counts of every eval batch without waiting on any."""
+    counts = []
     for x, y, mask in _padded_eval_batches(images, labels, eval_batch_size):
         x, y, mask = jax.device_put((x, y, mask), device)
-        correct += int(steps.count_correct(trainable, frozen, x, y, mask, structure=structure))
-    return correct / max(len(labels), 1)
+        counts.append(steps.count_correct(trainable, frozen, x, y, mask, structure=structure))
+    return counts
+
+
+def accuracy_of(counts: Sequence[jax.Array], examples: int) -> float:
+    """The accuracy from dispatched counts: one host sync for all of them."""
+    correct = sum(int(c) for c in jax.device_get(list(counts)))
+    return correct / max(examples, 1)
 
 
 class _CandidateState:
@@ -195,10 +215,12 @@ class _CandidateState:
         if steps.TRACE_COUNTS["train_step"] != traces_before:
             self.compile_seconds += time.perf_counter() - started
 
-    def validate(self, images: np.ndarray, labels: np.ndarray, eval_batch_size: int) -> None:
-        quality = accuracy_on(
-            self.trainable, self.frozen, images, labels, self.plan.structure, eval_batch_size, self.device
-        )
+    def dispatch_validation(self, images: np.ndarray, labels: np.ndarray, eval_batch_size: int) -> list[jax.Array]:
+        return dispatch_counts(self.trainable, self.frozen, images, labels, self.plan.structure, eval_batch_size,
+                               self.device)
+
+    def validated(self, quality: float) -> None:
+        """Records a validation accuracy; keeps a snapshot when it reaches the best score."""
         score = self.plan.score_of_quality(quality)
         self.own_best = max(self.own_best, score)
         self.best_quality = max(self.best_quality, quality)
@@ -261,9 +283,14 @@ def train_candidates(
             step_index += 1
             if on_step is not None:
                 on_step(step_index, total_steps)
-        for state in active:
-            size = state.plan.structure.image_size
-            state.validate(validation[size], data.validation.labels, settings.eval_batch_size)
+        # Every candidate's validation is dispatched before any result is read.
+        pending = [
+            state.dispatch_validation(validation[state.plan.structure.image_size], data.validation.labels,
+                                      settings.eval_batch_size)
+            for state in active
+        ]
+        for state, counts in zip(active, pending):
+            state.validated(accuracy_of(counts, len(data.validation.labels)))
         if round_index + 1 == halving_round:
             active = survivors(active)
     return [state.result() for state in states]
