@@ -143,8 +143,20 @@ def num_classes_of(splits: Sequence[ImageSet], field: str) -> int:
     return num_classes
 
 
+def cover_and_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An H x W x 3 uint8 image resized (bilinear, antialiased) with its aspect
+    ratio kept until it covers height x width, then cropped to it at the centre."""
+    h, w = image.shape[:2]
+    scale = max(height / h, width / w)
+    covered = (max(width, round(w * scale)), max(height, round(h * scale)))
+    resized = Image.fromarray(image).resize(covered, Image.BILINEAR) if covered != (w, h) else Image.fromarray(image)
+    left, top = (covered[0] - width) // 2, (covered[1] - height) // 2
+    return np.asarray(resized.crop((left, top, left + width, top + height)))
+
+
 def stack_images(images: Iterable[np.ndarray], count: int | None = None) -> np.ndarray:
-    """Stacks H x W x 3 uint8 images, resizing each to the first one's size.
+    """Stacks H x W x 3 uint8 images at the first one's size; another size is
+    resized with its aspect ratio kept (`cover_and_crop`), never stretched.
 
     With `count`, `images` may be a generator: each image is written into the
     stack as it comes, so only one decoded image is held besides the stack.
@@ -163,7 +175,7 @@ def stack_images(images: Iterable[np.ndarray], count: int | None = None) -> np.n
             out = np.empty((count,) + image.shape[:2] + (3,), dtype=np.uint8)
         height, width = out.shape[1:3]
         if image.shape[:2] != (height, width):
-            image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+            image = cover_and_crop(image, height, width)
             resized += 1
         out[seen] = image
         seen += 1

@@ -1,7 +1,8 @@
 """The local image-folder task format: one sub-folder per class (PNG/JPEG).
 
 Class names are the sub-folder names, sorted. Images are decoded with PIL to
-RGB and resized to the size of the first image so that they stack. Before
+RGB and brought to the size of the first image so that they stack (scaled
+with the aspect ratio kept to cover it, then centre-cropped). Before
 anything is decoded, every file's header is read: files must be 8-bit PNG or
 JPEG within DataLimits' side and pixel bounds, and the folder's decoded size
 within DataLimits.max_decompressed_bytes. The

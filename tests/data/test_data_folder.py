@@ -247,3 +247,23 @@ def test_too_few_images_for_the_fractions(tmp_path):
         os.makedirs(root / name)
         Image.new("RGB", (4, 4)).save(root / name / "x.png")
     _expect(root, match="too few", validation_fraction=0.4, test_fraction=0.5)
+
+
+def test_a_differently_shaped_image_keeps_its_aspect_ratio(tmp_path):
+    """A 2:1 image of a disc stacked beside square ones is scaled to cover the
+    square and cropped at the centre: the disc stays round (stretching it to
+    the first image's size, as before, made it an ellipse twice as tall)."""
+    from evolve.data.arrays import cover_and_crop, stack_images
+
+    wide = np.zeros((20, 40, 3), np.uint8)
+    yy, xx = np.mgrid[:20, :40]
+    wide[(yy - 9.5) ** 2 + (xx - 19.5) ** 2 <= 8**2] = 255  # a disc of radius 8 at the centre
+    stacked = stack_images([np.zeros((20, 20, 3), np.uint8), wide])
+    disc = stacked[1, :, :, 0] > 127
+    rows, cols = np.nonzero(disc)
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert abs(height - width) <= 1 and 15 <= width <= 18, (height, width)
+    assert cover_and_crop(wide, 20, 40) is not wide and cover_and_crop(wide, 20, 40).shape == (20, 40, 3)
+    np.testing.assert_array_equal(cover_and_crop(wide, 20, 40), wide)  # same size: unchanged
+    tall = cover_and_crop(wide, 30, 10)  # scaled by 1.5 to 30 x 60, the middle 10 columns kept
+    assert tall.shape == (30, 10, 3) and tall[15, :, 0].min() == 255
