@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import queue
 import threading
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -109,6 +110,52 @@ class _Batches:
             else:
                 by_size[size] = preprocess_train(images, size, self._hparams, self._rng)
         return by_size, labels
+
+
+class _Prefetched:
+    """Prepares the next `depth` training batches in a background thread while
+    the device runs the current step (the host's shuffle, gather and
+    preprocessing leave the critical path). Batches come in the order they
+    were made, so training is deterministic as without it."""
+
+    def __init__(self, batches: _Batches, image_sizes: Sequence[int], count: int, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._produce, args=(batches, list(image_sizes), count), name="batch-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _produce(self, batches: _Batches, image_sizes: list[int], count: int) -> None:
+        for _ in range(count):
+            try:
+                item: Any = batches.next(image_sizes)
+            except BaseException as error:  # handed to the consumer, raised there
+                item = error
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or isinstance(item, BaseException):
+                return
+
+    def next(self) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> _Prefetched:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _padded_eval_batches(images: np.ndarray, labels: np.ndarray, batch: int):
@@ -271,13 +318,32 @@ def train_candidates(
     batches = _Batches(data.train, settings.batch_size, data_hparams, seed)
     # Validation images are preprocessed once per image size, not per candidate and round.
     validation = {size: preprocess_eval(data.validation.images, size) for size in image_sizes}
+    with _Prefetched(batches, image_sizes, total_steps) as prefetched:
+        _train_rounds(states, prefetched, validation, data.validation.labels, settings, rounds, halving_round,
+                      cancel, on_step)
+    return [state.result() for state in states]
+
+
+def _train_rounds(
+    states: Sequence[_CandidateState],
+    prefetched: _Prefetched,
+    validation: Mapping[int, np.ndarray],
+    validation_labels: np.ndarray,
+    settings: TrainSettings,
+    rounds: int,
+    halving_round: int,
+    cancel: threading.Event | None,
+    on_step: Callable[[int, int], None] | None,
+) -> None:
+    steps_per_round = settings.steps_per_round
+    total_steps = steps_per_round * rounds
     step_index = 0
-    active = states
+    active = list(states)
     for round_index in range(rounds):
         for _ in range(steps_per_round):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("search cancelled")
-            by_size, labels = batches.next(sorted({s.plan.structure.image_size for s in active}))
+            by_size, labels = prefetched.next()
             for state in active:  # dispatch all candidates before waiting on any
                 state.step(step_index, by_size[state.plan.structure.image_size], labels)
             step_index += 1
@@ -285,15 +351,14 @@ def train_candidates(
                 on_step(step_index, total_steps)
         # Every candidate's validation is dispatched before any result is read.
         pending = [
-            state.dispatch_validation(validation[state.plan.structure.image_size], data.validation.labels,
+            state.dispatch_validation(validation[state.plan.structure.image_size], validation_labels,
                                       settings.eval_batch_size)
             for state in active
         ]
         for state, counts in zip(active, pending):
-            state.validated(accuracy_of(counts, len(data.validation.labels)))
+            state.validated(accuracy_of(counts, len(validation_labels)))
         if round_index + 1 == halving_round:
             active = survivors(active)
-    return [state.result() for state in states]
 
 
 def survivors(states: Sequence[_CandidateState]) -> list[_CandidateState]:

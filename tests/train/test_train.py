@@ -158,7 +158,44 @@ def test_halving_arithmetic():
     assert late.halving(2) == (0, 6)
 
 
-# LOST: test_halving_trains_the_better_candidate_on_as_if_alone was here, uncommitted. The
-# compiled-LRU helper truncated this file by mistake (19:32) and could recover only the lines
-# above; its docstring began "After the halving round the better candidate trains the rounds the".
-# Its author must write its body again.
+def test_halving_trains_the_better_candidate_on_as_if_alone():
+    """After the halving round the better candidate trains the rounds the
+    other gives up: its result equals that plan trained alone for as many
+    rounds (same batches, same schedule), and the other stops there."""
+    structure = PathStructure(TEST_SIZE, 2, 16, 3, (), 8)
+    names = {"head", "encoder_norm", "encoderblock_1", "encoderblock_0", "embedding"}
+    hparams = dict(tiny_config().default_hparams(), learning_rate=0.1, warmup=0.0)
+    learner = _plan(structure, names, 0, hparams)
+    stuck = _plan(structure, {"head"}, 1, dict(hparams, learning_rate=1e-4))
+    settings = loop.TrainSettings(batch_size=16, rounds=3, examples_per_round=64, eval_batch_size=64, halving_round=1)
+    halved = loop.train_candidates([stuck, learner], _data(), settings, {}, seed=4)
+    alone = loop.train_candidates(
+        [_plan(structure, names, 0, hparams)], _data(), dataclasses.replace(settings, rounds=5, halving_round=0), {},
+        seed=4,
+    )[0]
+    steps_per_round = settings.steps_per_round
+    assert [r.steps for r in halved] == [1 * steps_per_round, 5 * steps_per_round]
+    assert halved[1].quality == alone.quality and halved[1].quality > halved[0].quality
+    jax.tree.map(np.testing.assert_array_equal, halved[1].trainable, alone.trainable)
+
+
+def test_prefetching_stops_early_and_hands_on_errors():
+    """The background batch thread ends when training stops early (a cancel)
+    and a failure in it is raised in the training thread."""
+    import threading
+
+    structure = PathStructure(TEST_SIZE, 2, 16, 3, (), 8)
+    cancel = threading.Event()
+
+    def stop_after_one(step, steps):
+        cancel.set()
+
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(loop.CancelledError):
+        loop.train_candidates([_plan(structure, {"head"})], _data(), SETTINGS, {}, seed=0, cancel=cancel,
+                              on_step=stop_after_one)
+    assert "batch-prefetch" not in {t.name for t in threading.enumerate()} - before
+    broken = loop._Batches(_data().train, 16, {}, 0)
+    broken.next = lambda sizes: (_ for _ in ()).throw(RuntimeError("decoder broke"))
+    with loop._Prefetched(broken, [16], 5) as prefetched, pytest.raises(RuntimeError, match="decoder broke"):
+        prefetched.next()
