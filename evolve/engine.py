@@ -54,7 +54,11 @@ class EngineOptions:
     max_predict_batch: int = 1024
     max_train_examples: int | None = None
     seed: int = 0
-    max_compiled_structures: int = 64  # compiled train/eval steps kept between searches
+    # Compiled executables kept, least recently used evicted first (steps.set_compiled_bounds):
+    # train + eval steps (at least twice the candidates a generation trains at once, or its
+    # steps evict each other), and predict (one per served structure and batch bucket).
+    max_compiled_structures: int = 64
+    max_compiled_predicts: int = 256
     min_free_bytes: int = 256 << 20  # new work is refused while the state disk has less free
     data_limits: DataLimits = DataLimits()  # what loading a task's data may cost
     # Warm-up (see Engine.warm_up): every predict bucket up to this batch size
@@ -184,6 +188,7 @@ class Engine:
         self.state_dir = state_dir
         self.devices = list(devices or jax.local_devices())
         self.options = options
+        steps.set_compiled_bounds(training=options.max_compiled_structures, serving=options.max_compiled_predicts)
         self._on_event = on_event
         self._lock = threading.RLock()
         self._data: dict[str, TaskData] = {}
@@ -387,9 +392,6 @@ class Engine:
             raise
         finally:
             self._data.pop(task, None)  # a search's data lives as long as the search
-            if steps.trim_compiled_steps(self.options.max_compiled_structures):
-                logger.info("dropped compiled train steps (more than %d structures cached)",
-                            self.options.max_compiled_structures)
         emit(SearchFinished(task, best.id, best.score or 0.0, best.quality or 0.0, best.test_accuracy or 0.0,
                             "SUCCEEDED"))
         return self.task(task)

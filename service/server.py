@@ -56,6 +56,8 @@ class ServerOptions:
     workers: int = 32
     compilation_cache_dir: str | None = None  # None: <state_dir>/xla_cache; "": off
     compilation_cache_mb: int = 2048  # least recently used entries are evicted beyond it; 0: no bound
+    max_compiled_steps: int = 64  # compiled train + eval steps kept in memory (least recently used evicted)
+    max_compiled_predicts: int = 256  # compiled predict programs kept in memory (least recently used evicted)
     port_file: str | None = None
     log_level: str = "INFO"
     startup_delay_seconds: float = 0.0  # for tests of the NOT_SERVING phase
@@ -144,6 +146,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=int(_env("COMPILATION_CACHE_MB", defaults.compilation_cache_mb)),
         help="bound of the compilation cache in MiB: JAX evicts the least recently used programs beyond it; "
              "0: no bound [EVOLVE_COMPILATION_CACHE_MB, %(default)s]")
+    add("--max-compiled-steps", type=int, default=int(_env("MAX_COMPILED_STEPS", defaults.max_compiled_steps)),
+        help="compiled train and eval steps kept in memory, the least recently used evicted beyond it; at least "
+             "twice the candidates of a generation [EVOLVE_MAX_COMPILED_STEPS, %(default)s]")
+    add("--max-compiled-predicts", type=int,
+        default=int(_env("MAX_COMPILED_PREDICTS", defaults.max_compiled_predicts)),
+        help="compiled predict programs (one per served structure and batch bucket) kept in memory, the least "
+             "recently used evicted beyond it [EVOLVE_MAX_COMPILED_PREDICTS, %(default)s]")
     add("--port-file", default=_env("PORT_FILE"),
         help="write the bound port to this file once listening (for supervisors and tests)")
     add("--log-level", default=_env("LOG_LEVEL", defaults.log_level), help="[EVOLVE_LOG_LEVEL, %(default)s]")
@@ -229,6 +238,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         max_train_examples=args.max_train_examples, seed=args.seed, grace_seconds=args.grace_seconds,
         workers=args.workers, compilation_cache_dir=args.compilation_cache_dir,
         compilation_cache_mb=args.compilation_cache_mb, port_file=args.port_file,
+        max_compiled_steps=args.max_compiled_steps, max_compiled_predicts=args.max_compiled_predicts,
         log_level=args.log_level, startup_delay_seconds=args.startup_delay_seconds, min_free_mb=args.min_free_mb,
         max_waits_per_client=args.max_waits_per_client, max_data_mb=args.max_data_mb,
         allow_download=bool(args.allow_download),
@@ -248,7 +258,7 @@ def validate_options(options: ServerOptions) -> None:
         raise ValueError("--metrics-port must differ from --port")
     if options.log_format not in ("text", "json"):
         raise ValueError(f"--log-format must be text or json, got {options.log_format!r}")
-    for name in ("max_queue", "max_batch", "max_message_mb", "workers"):
+    for name in ("max_queue", "max_batch", "max_message_mb", "workers", "max_compiled_steps", "max_compiled_predicts"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if options.max_data_mb < 1:
@@ -617,6 +627,7 @@ def load_backend(options: ServerOptions):
     engine_options = EngineOptions(
         data_roots=options.data_roots, max_predict_batch=options.max_batch,
         max_train_examples=options.max_train_examples, seed=options.seed, min_free_bytes=options.min_free_mb << 20,
+        max_compiled_structures=options.max_compiled_steps, max_compiled_predicts=options.max_compiled_predicts,
         data_limits=DataLimits(max_decompressed_bytes=options.max_data_mb << 20, allow_download=options.allow_download),
     )
     engine = Engine.restore(state_dir, devices=devices, options=engine_options)
