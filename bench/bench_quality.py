@@ -19,6 +19,10 @@ tasks similar or dissimilar to it), for each seed, in one run:
 
 scratch / finetune use a plain jitted optax loop (clip-by-global-norm 1.0 +
 SGD momentum 0.9, warmup-cosine, softmax cross-entropy, no augmentation).
+By default they train on as many examples per task as the evolved search
+of the same row (e.g. 196,608 = 3,072 steps of 64 at 4 generations of the
+tiny configuration), so every comparison is at equal training examples;
+`--baseline-steps N` fixes their length instead.
 The classical baselines are deterministic; they are computed once and shared
 by the seeds. Progress goes to stderr (logging); the report to stdout, ending
 with ONE JSON line.
@@ -56,6 +60,7 @@ from evolve.config import SearchConfig, get_config  # noqa: E402
 from evolve.data import preprocess_eval  # noqa: E402
 from evolve.engine import Engine, EngineOptions  # noqa: E402
 from evolve.models import vit  # noqa: E402
+from evolve.search.budget import EXTENSION, search_plan  # noqa: E402
 from evolve.types import NpzSource, PathStructure, SearchBudget, TaskSpec, ViTSize, count_params  # noqa: E402
 
 logger = logging.getLogger("bench_quality")
@@ -67,6 +72,7 @@ SCAN_STEPS = 100  # baseline train steps per jitted call (lax.scan)
 SVM_CS = (1.0, 10.0)
 LOGREG_MAX_ITER = 2000
 QUICK = {"seeds": [0], "generations": [1], "baseline_steps": 200}
+MATCHED = 0  # baseline_steps: as many examples as the evolved search it is compared with
 QUICK_ENGINE_OVERRIDES = {"train_rounds": 2, "examples_per_round": 512}
 METHODS = ("evolved", "scratch", "finetune", "logreg", "svm")
 
@@ -110,7 +116,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 seed, 1 generation, 200 baseline steps, engine train_rounds=2 "
                              "examples_per_round=512 (explicit --seeds/--generations/--baseline-steps win)")
-    parser.add_argument("--baseline-steps", type=int, default=None, help="default: 4000 (quick: 200)")
+    parser.add_argument("--baseline-steps", type=int, default=None,
+                        help="default: the evolved search's examples per task / --baseline-batch, per generations "
+                             "setting (quick: 200)")
     parser.add_argument("--baseline-batch", type=int, default=64)
     parser.add_argument("--baseline-lr", type=float, default=0.05, help="peak learning rate")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
@@ -123,7 +131,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
                         help="directory caching the scratch / fine-tune results per seed and recipe (they do not "
                              "depend on the engine), so that engine changes can be measured without retraining them")
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else {"seeds": [0, 1], "generations": [4, 8], "baseline_steps": 4000}
+    defaults = QUICK if args.quick else {"seeds": [0, 1], "generations": [4, 8], "baseline_steps": MATCHED}
     options = BenchOptions(
         seeds=tuple(args.seeds if args.seeds is not None else defaults["seeds"]),
         generations=tuple(sorted(set(args.generations if args.generations is not None else defaults["generations"]))),
@@ -138,8 +146,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         evolved_only=args.evolved_only,
         overrides=tuple(tuple(item.split("=", 1)) for item in args.set),
     )
-    if options.baseline_steps < 1 or options.baseline_batch < 1 or min(options.generations) < 1:
-        parser.error("--baseline-steps, --baseline-batch and --generations must be positive")
+    if options.baseline_steps < 0 or options.baseline_batch < 1 or min(options.generations) < 1:
+        parser.error("--baseline-steps must not be negative; --baseline-batch and --generations must be positive")
     return options
 
 
@@ -151,6 +159,19 @@ def engine_config(quick: bool, overrides: Sequence[tuple[str, str]] = ()) -> Sea
         raise SystemExit(f"unknown configuration fields: {unknown}")
     base = dict(QUICK_ENGINE_OVERRIDES) if quick else {}
     return get_config("tiny", **{**base, **parsed})
+
+
+def evolved_examples(config: SearchConfig, generations: int) -> int:
+    """Training examples the engine spends on one new task's search."""
+    plan = search_plan(config, SearchBudget(generations=generations), kind=EXTENSION, train_examples=1,
+                       validation_examples=1)
+    return plan.candidates * plan.examples_per_candidate
+
+
+def baseline_recipe(options: BenchOptions, config: SearchConfig, generations: int) -> Recipe:
+    """The scratch / fine-tune recipe compared with the evolved search at `generations`."""
+    steps = options.baseline_steps or math.ceil(evolved_examples(config, generations) / options.baseline_batch)
+    return Recipe(steps=steps, batch_size=options.baseline_batch, peak_lr=options.baseline_lr)
 
 
 def _parse_value(text: str) -> Any:
@@ -586,7 +607,7 @@ def print_means(title: str, means: Mapping[str, float | None]) -> None:
 def run(options: BenchOptions) -> dict[str, Any]:
     started = time.perf_counter()
     config = engine_config(options.quick, options.overrides)
-    recipe = Recipe(steps=options.baseline_steps, batch_size=options.baseline_batch, peak_lr=options.baseline_lr)
+    recipes = {g: baseline_recipe(options, config, g) for g in options.generations}
     suite = select_tasks(quality_suite.build_suite(0), options.tasks)
     with tempfile.TemporaryDirectory(prefix="quality_suite_") as tmp:
         directory = options.data_dir or tmp
@@ -599,12 +620,13 @@ def run(options: BenchOptions) -> dict[str, Any]:
         classical_seconds = time.perf_counter() - classical_started
         per_seed: dict[str, Any] = {}
         for seed in options.seeds:
-            baseline_started = time.perf_counter()
-            scratch, finetune = cached_vit_baselines(options.baseline_cache, prepared, config, seed, recipe,
-                                                     skip=options.evolved_only)
-            baseline_seconds = time.perf_counter() - baseline_started
+            baseline_seconds = 0.0
             by_generations = {}
             for generations in options.generations:
+                baseline_started = time.perf_counter()
+                scratch, finetune = cached_vit_baselines(options.baseline_cache, prepared, config, seed,
+                                                         recipes[generations], skip=options.evolved_only)
+                baseline_seconds += time.perf_counter() - baseline_started
                 evolved = run_evolved(prepared, config, seed, generations)
                 rows = seed_table(names, evolved, scratch, finetune, classical)
                 extra = {n: {"search_seconds": evolved.tasks[n].search_seconds,
@@ -616,6 +638,9 @@ def run(options: BenchOptions) -> dict[str, Any]:
                     "comparisons": comparisons(means) if means else None,
                     "forgetting_free": evolved.forgetting_free,
                     "seconds": evolved.seconds,
+                    "baseline_steps": recipes[generations].steps,
+                    "scratch": {n: dataclasses.asdict(r) for n, r in scratch.items()},
+                    "finetune": {n: dataclasses.asdict(r) for n, r in finetune.items()},
                 }
                 print_table(f"seed {seed}, generations {generations} (test accuracy; params = charged / fresh ViT)",
                             rows, extra)
@@ -623,13 +648,11 @@ def run(options: BenchOptions) -> dict[str, Any]:
                     print_means("MEAN later tasks", means)
                 print(f"  forgetting check ({names[0]} probabilities bit-identical after all tasks): "
                       f"{evolved.forgetting_free}; evolved run {evolved.seconds:.1f}s")
-            per_seed[str(seed)] = {
-                "generations": by_generations,
-                "scratch": {n: dataclasses.asdict(r) for n, r in scratch.items()},
-                "finetune": {n: dataclasses.asdict(r) for n, r in finetune.items()},
-                "baseline_seconds": baseline_seconds,
-            }
-    report = summarise(options, config, recipe, suite, classical, classical_seconds, per_seed, later)
+                recipe = recipes[generations]
+                print(f"  scratch / finetune: {recipe.steps} steps x {recipe.batch_size} = "
+                      f"{recipe.steps * recipe.batch_size} examples per task")
+            per_seed[str(seed)] = {"generations": by_generations, "baseline_seconds": baseline_seconds}
+    report = summarise(options, config, recipes, suite, classical, classical_seconds, per_seed, later)
     report["wall_seconds"] = time.perf_counter() - started
     return report
 
@@ -642,7 +665,8 @@ def generations_monotone(means_by_g: Mapping[int, float | None]) -> dict[str, bo
 
 
 def summarise(
-    options: BenchOptions, config: SearchConfig, recipe: Recipe, suite: Sequence[quality_suite.SuiteTask],
+    options: BenchOptions, config: SearchConfig, recipes: Mapping[int, Recipe],
+    suite: Sequence[quality_suite.SuiteTask],
     classical: Mapping[str, ClassicalResult], classical_seconds: float, per_seed: Mapping[str, Any],
     later: Sequence[str],
 ) -> dict[str, Any]:
@@ -671,7 +695,7 @@ def summarise(
                           "candidates_per_generation": config.candidates_per_generation,
                           "train_rounds": config.train_rounds, "examples_per_round": config.examples_per_round,
                           "batch_size": config.batch_size, "population_size": config.population_size},
-        "baseline_recipe": dataclasses.asdict(recipe),
+        "baseline_recipes": {str(g): dataclasses.asdict(r) for g, r in recipes.items()},
         "classical": {n: dataclasses.asdict(r) for n, r in classical.items()},
         "classical_seconds": classical_seconds,
         "per_seed": dict(per_seed),
