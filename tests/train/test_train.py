@@ -199,3 +199,18 @@ def test_prefetching_stops_early_and_hands_on_errors():
     broken.next = lambda sizes: (_ for _ in ()).throw(RuntimeError("decoder broke"))
     with loop._Prefetched(broken, [16], 5) as prefetched, pytest.raises(RuntimeError, match="decoder broke"):
         prefetched.next()
+
+
+def test_the_validation_step_compile_counts_as_compile_time():
+    """A candidate whose train step is compiled but whose eval step is not
+    (evicted here) reports the eval compile in compile_seconds."""
+    structure = PathStructure(TEST_SIZE, 1, 16, 5, (), 8)  # 5 classes: a structure no other test compiles
+    loop.train_candidates([_plan(structure, {"head"})], _data(classes=5), SETTINGS, {}, seed=0)
+    with steps.TRAINING._lock:
+        for key in [k for k in steps.TRAINING._entries if k[0] == "count_correct"]:
+            del steps.TRAINING._entries[key]
+    traces = dict(steps.TRACE_COUNTS)
+    (result,) = loop.train_candidates([_plan(structure, {"head"})], _data(classes=5), SETTINGS, {}, seed=0)
+    assert steps.TRACE_COUNTS["train_step"] == traces["train_step"]
+    assert steps.TRACE_COUNTS["count_correct"] == traces["count_correct"] + 1
+    assert result.compile_seconds > 0.0
