@@ -56,6 +56,7 @@ HASH_KEY = "content_hash"  # in each component's orbax custom metadata
 class Written:
     step: int
     new_components: int
+    component_ids: tuple[str, ...] = ()  # the component directories this save wrote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Restored:
     system: System
     step: int
     extra: dict[str, Any]
+    store: Store | None = None  # what restore verified, for the saves that follow
 
 
 def _components_dir(state_dir: str) -> str:
@@ -169,24 +171,62 @@ def _manifest(system: System, extra: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def save(system: System, state_dir: str, *, extra: Mapping[str, Any] | None = None) -> Written:
+class Store:
+    """What one process knows of a state directory's checkpoints, so that a
+    save costs what changed rather than the whole system (issue 12):
+
+    - the components on disk it wrote or verified on restore (id -> content
+      hash), trusted from then on: their directories are not read again;
+    - the component ids each retained manifest step references, so that
+      retention reads an old manifest at most once per process;
+    - whether it has swept the components directory once for directories no
+      step references (left by a killed process); after that sweep, only the
+      components of steps that retention drops and of saves that failed are
+      candidates for deletion.
+
+    Integrity is checked where it matters, on restore (`read_component`)."""
+
+    def __init__(self, state_dir: str):
+        self.state_dir = os.path.abspath(state_dir)
+        self.written: dict[str, str] = {}
+        self.referenced: dict[int, frozenset[str]] = {}
+        self.uncommitted: set[str] = set()  # written by a save that has not committed
+        self.swept = False
+
+
+def save(
+    system: System, state_dir: str, *, extra: Mapping[str, Any] | None = None, store: Store | None = None
+) -> Written:
     """Writes new components, then commits a manifest step; returns the step.
 
-    Raises StorageError when the state directory cannot be written; the
-    previous step then stays the newest."""
+    With a `store` (one per state directory and process, e.g. the engine's),
+    components it already knows are not looked at again. Raises StorageError
+    when the state directory cannot be written; the previous step then stays
+    the newest."""
+    store = store or Store(state_dir)
     try:
-        new = sum(write_component(state_dir, c) for c in system.components.values())
+        new = []
+        for component in system.components.values():
+            if store.written.get(component.id) == component.content_hash:
+                continue
+            store.written.pop(component.id, None)
+            if write_component(state_dir, component):
+                new.append(component.id)
+                store.uncommitted.add(component.id)
+            store.written[component.id] = component.content_hash
+        manifest = _manifest(system, extra or {})
         manager = _manager(state_dir)
         step = (manager.latest_step() or 0) + 1
-        manager.save(step, args=ocp.args.Composite(manifest=ocp.args.JsonSave(_manifest(system, extra or {}))))
+        manager.save(step, args=ocp.args.Composite(manifest=ocp.args.JsonSave(manifest)))
         manager.wait_until_finished()
-        _collect_component_files(state_dir, manager)
+        store.referenced[step] = frozenset(manifest["components"])
+        _collect_component_files(store, manager)
         manager.close()
     except Exception as error:
         if not isinstance(error, (OSError, ValueError, RuntimeError)) and not statedir.is_disk_full(error):
             raise
         raise storage_error(state_dir, error) from error
-    return Written(step, new)
+    return Written(step, len(new), tuple(new))
 
 
 def storage_error(state_dir: str, error: BaseException) -> StorageError:
@@ -198,18 +238,32 @@ def storage_error(state_dir: str, error: BaseException) -> StorageError:
                         disk_full=full)
 
 
-def _collect_component_files(state_dir: str, manager: ocp.CheckpointManager) -> None:
-    """Deletes component directories that no retained manifest references."""
-    referenced: set[str] = set()
-    for step in manager.all_steps():
+def _collect_component_files(store: Store, manager: ocp.CheckpointManager) -> None:
+    """Deletes component directories that no retained manifest references:
+    after the first sweep of a process, only those of dropped steps and of
+    failed saves are looked at."""
+    retained = set(manager.all_steps())
+    dropped: set[str] = set()
+    for step in list(store.referenced):
+        if step not in retained:
+            dropped |= store.referenced.pop(step)
+    for step in retained - store.referenced.keys():
         try:
-            referenced.update(_read_manifest(manager, step)["components"])
+            store.referenced[step] = frozenset(_read_manifest(manager, step)["components"])
         except Exception:  # an unreadable old step protects nothing
             logger.warning("manifest step %s unreadable while collecting garbage", step)
-    root = _components_dir(state_dir)
-    for name in os.listdir(root) if os.path.isdir(root) else []:
-        if name not in referenced:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            store.referenced[step] = frozenset()
+    referenced = frozenset().union(*store.referenced.values())
+    root = _components_dir(store.state_dir)
+    if store.swept:
+        candidates = dropped | store.uncommitted
+    else:
+        candidates = set(os.listdir(root)) if os.path.isdir(root) else set()
+        store.swept = True
+    store.uncommitted.clear()
+    for name in candidates - referenced:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        store.written.pop(name, None)
 
 
 def _read_manifest(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -297,7 +351,10 @@ def restore(state_dir: str) -> Restored | None:
             errors.append(f"step {step}: {error}")
             continue
         manager.close()
-        return Restored(system, step, dict(manifest.get("extra", {})))
+        store = Store(state_dir)
+        store.written = {cid: component.content_hash for cid, component in system.components.items()}
+        store.referenced[step] = frozenset(manifest["components"])
+        return Restored(system, step, dict(manifest.get("extra", {})), store)
     manager.close()
     if not steps:
         return None

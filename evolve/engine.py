@@ -4,6 +4,8 @@ Transport-free: the service calls these methods from its job queue and its
 request threads. System mutations happen under one lock; training runs
 outside it on immutable snapshots, so predictions keep flowing during a
 search and a finished search swaps a task's served path atomically.
+Reads (task, tasks, task_page, summary) take no lock: they return records of
+an immutable view that each mutation republishes (see `_ReadView`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+import types
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -153,6 +156,19 @@ class SystemSummary:
         return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ReadView:
+    """What readers see, built under the engine's lock and published with one
+    assignment (atomic in CPython), so that no read waits on a search, a plan
+    or a save. Never mutated once published: a change builds the records of
+    the tasks it touched and a new view around them (copy-on-write)."""
+
+    infos: Mapping[str, TaskInfo]
+    names: tuple[str, ...]  # sorted
+    ordered: tuple[TaskInfo, ...]  # the records in `names` order: ListTasks pages slice it
+    summary: SystemSummary
+
+
 PREDICT_BUCKETS_KEY = "predict_buckets"  # the engine's own entry in a checkpoint's `extra`
 
 
@@ -183,9 +199,12 @@ class Engine:
         options: EngineOptions = EngineOptions(),
         on_event: EventCallback | None = None,
         checkpoint_step: int = 0,
+        checkpoint_store: checkpoint.Store | None = None,
     ):
         self.system = system
         self.state_dir = state_dir
+        # What this process knows is on disk, so a save writes what changed.
+        self._store = checkpoint_store or (checkpoint.Store(state_dir) if state_dir else None)
         self.devices = list(devices or jax.local_devices())
         self.options = options
         steps.set_compiled_bounds(training=options.max_compiled_structures, serving=options.max_compiled_predicts)
@@ -198,10 +217,19 @@ class Engine:
         # Caller state saved with every checkpoint (the service's operations).
         self.restored_extra: dict[str, Any] = {}
         self.extra_state: Callable[[], Mapping[str, Any]] | None = None
-        # Predict buckets clients have used (saved with each checkpoint), and
-        # the (structure, parameter shapes, bucket) programs already compiled.
+        # Told of every checkpoint write: what it wrote (None when it failed)
+        # and its seconds; called under the lock, so it must not block.
+        self.on_checkpoint: Callable[[checkpoint.Written | None, float], None] | None = None
+        # Predict buckets clients have used (saved with each checkpoint).
         self._used_buckets: set[int] = set()
-        self._warm: set[tuple[Any, ...]] = set()
+        # The read view and what keeps its summary incremental: each component's
+        # parameter count (components never change their parameters) and sharing.
+        self._param_counts: dict[str, int] = {}
+        self._total_params = 0
+        self._sharing: Mapping[tuple[str, str], int] = types.MappingProxyType({})
+        self._view: _ReadView | None = None
+        with self._lock:
+            self._publish(None, sharing=True)
         for task in system.best:
             self._serve(task)
 
@@ -240,7 +268,8 @@ class Engine:
         restored = checkpoint.restore(state_dir)
         if restored is None:
             return None
-        engine = cls(restored.system, state_dir=state_dir, checkpoint_step=restored.step, **kwargs)
+        engine = cls(restored.system, state_dir=state_dir, checkpoint_step=restored.step,
+                     checkpoint_store=restored.store, **kwargs)
         engine.restored_extra = {k: v for k, v in restored.extra.items() if k != PREDICT_BUCKETS_KEY}
         engine._used_buckets.update(int(b) for b in restored.extra.get(PREDICT_BUCKETS_KEY, ()))
         return engine
@@ -261,17 +290,24 @@ class Engine:
             if spec.name in self.system.tasks:
                 raise AlreadyExistsError("task", spec.name)
             self.system.tasks[spec.name] = TaskRecord(spec=spec)
-            return self._task_info(spec.name)
+            self._publish((spec.name,))
+            return self._view.infos[spec.name]
 
     def task(self, name: str) -> TaskInfo:
-        with self._lock:
-            if name not in self.system.tasks:
-                raise NotFoundError("task", name)
-            return self._task_info(name)
+        info = self._view.infos.get(name)  # no lock: the published view
+        if info is None:
+            raise NotFoundError("task", name)
+        return info
 
     def tasks(self) -> list[TaskInfo]:
-        with self._lock:
-            return [self._task_info(name) for name in sorted(self.system.tasks)]
+        """Every task's record, by name."""
+        return list(self._view.ordered)
+
+    def task_page(self, start: int, size: int) -> tuple[Sequence[TaskInfo], int]:
+        """The records of tasks start .. start + size - 1 by name, and how many
+        tasks there are; costs the page, not the system."""
+        ordered = self._view.ordered
+        return ordered[start : start + size], len(ordered)
 
     def forget_task(self, name: str) -> None:
         """Undoes add_task of a task that never ran (its submit was not acknowledged)."""
@@ -280,6 +316,7 @@ class Engine:
                 del self.system.tasks[name]
                 self.system.populations.pop(name, None)
                 self._data.pop(name, None)
+                self._publish((name,))
 
     def delete_task(self, name: str) -> None:
         """Removes a task and what only it used; durable before it returns.
@@ -292,15 +329,18 @@ class Engine:
             if self.system.tasks[name].status == TaskStatus.SEARCHING:
                 raise FailedPreconditionError("TASK_BUSY", f"task {name!r} is being searched; cancel it first")
             before = self.system.snapshot()
+            affected = self._sharing_with(name)
             for mapping in (self.system.tasks, self.system.best, self.system.damaged_best, self.system.populations):
                 mapping.pop(name, None)
             self.system.unlock(name, keep=None)
             _, dropped = self.system.collect_garbage()
             try:
-                self.save()
+                self._write_checkpoint(self._extra())
             except Exception:
                 self.system.revert(before)
                 raise
+            finally:
+                self._publish(affected, sharing=True)  # after the commit (or the undo)
             self._served.pop(name, None)
             self._data.pop(name, None)
         logger.info("task %s deleted (%d components collected)", name, len(dropped))
@@ -312,6 +352,7 @@ class Engine:
             record = self.system.tasks.get(task)
             if record is not None and record.status == TaskStatus.FAILED and task not in self.system.best:
                 record.status, record.message = TaskStatus.PENDING, ""
+                self._publish((task,))
 
     def check_storage(self) -> None:
         """Raises StorageError while the state disk is below its free-space reserve."""
@@ -332,6 +373,7 @@ class Engine:
                 record.num_classes, record.class_names = data.num_classes, tuple(data.class_names)
                 record.examples = (len(data.train), len(data.validation))
                 self._data[task] = data
+                self._publish((task,))
         return data
 
     def _load(self, spec: TaskSpec) -> TaskData:
@@ -375,6 +417,7 @@ class Engine:
                 )
             if kind == EXTENSION:
                 record.status = TaskStatus.SEARCHING
+                self._publish((task,))
             self._searches_run += 1
             seed = self.options.seed * 1_000_003 + self._searches_run if seed is None else seed
         try:
@@ -418,6 +461,7 @@ class Engine:
             keep = self.system.best_path(task)
             self.system.populations[task] = [keep.id] if keep else []
             self.system.collect_garbage()
+            self._publish((task,))
 
     def search_plan(self, task: str, kind: str = EXTENSION) -> SearchPlan | None:
         """The budget a search of `task` will get; None while its data has
@@ -440,22 +484,24 @@ class Engine:
         emit: EventCallback,
     ) -> Path:
         iteration = TaskIteration(
-            self.system, self._lock, task, data, self.search_plan(task, kind),
+            self.system, _PublishingLock(self, task), task, data, self.search_plan(task, kind),
             seed=seed, devices=self.devices, emit=emit, cancel=cancel,
         )
         population = iteration.run()
         if iteration.probes:
             with self._lock:
                 self.system.tasks[task].probes = tuple(iteration.probes)
+                self._publish((task,))
         return self._finish(task, population, data, emit)
 
     def _finish(self, task: str, population: list[Path], data: TaskData, emit: EventCallback) -> Path:
         """Keeps the single best path, locks it, checkpoints (DESIGN §3.6).
 
-        Durable before visible: readers (GetTask, ListTasks) wait on the lock,
-        and the task is READY and Predict sees the new path only once the
-        checkpoint has committed. A failed save (StorageError) undoes every
-        change, so the task stays as it was. The path to serve is compiled
+        Durable before visible: readers (GetTask, ListTasks) see the task
+        READY, and Predict the new path, only once the checkpoint has
+        committed; until then they read the view published before. A failed
+        save (StorageError) undoes every change, so the task stays as it
+        was, and republishes that. The path to serve is compiled
         first, outside the lock: once READY, its first Predict is fast."""
         if not population:
             raise RuntimeError("the search produced no path")
@@ -463,6 +509,7 @@ class Engine:
         warmed = self._warm_up_path(task, best)
         with self._lock:
             before = self.system.snapshot()
+            affected = self._sharing_with(task)
             previous = self.system.best_path(task)
             if previous is None or best.id != previous.id:
                 replaced = previous or self.system.paths.get(self.system.damaged_best.get(task, ""))
@@ -476,12 +523,17 @@ class Engine:
             record = self.system.tasks[task]
             record.status, record.message = TaskStatus.READY, ""
             self.system.collect_garbage()
+            affected |= self._sharing_with(task)
             try:
-                self.save(emit=emit, task=task)
+                written = self._write_checkpoint(self._extra())
             except Exception:
                 self.system.revert(before)
                 raise
+            finally:
+                self._publish(affected, sharing=True)  # after the commit (or the undo)
             self._serve(task, warmed)
+        if written is not None:
+            emit(CheckpointWritten(task, written.step, self.state_dir, written.new_components))
         return best
 
     def _structure(self, task: str, path: Path) -> PathStructure:
@@ -556,17 +608,16 @@ class Engine:
         return served
 
     def _warm_program(self, served: ServedModel, bucket: int) -> int:
-        """Runs the predict step once at this bucket unless done before; returns 1 if it ran."""
-        key = (served.structure, jax.tree.structure(served.params),
-               tuple((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(served.params)), bucket)
-        if key in self._warm:
-            return 0
+        """Compiles and runs the predict step once at this bucket unless its
+        executable is in memory (an evicted one compiles again); returns 1 if it ran."""
         size = served.structure.image_size
-        self._run_predict(served, np.zeros((bucket, size, size, 3), np.float32)).block_until_ready()
-        self._warm.add(key)
+        images = jax.device_put(np.zeros((bucket, size, size, 3), np.float32), self.devices[0])
+        if steps.predict_probabilities.is_compiled(served.params, images, structure=served.structure):
+            return 0
+        self._run_predict(served, images).block_until_ready()
         return 1
 
-    def _run_predict(self, served: ServedModel, padded: np.ndarray) -> jax.Array:
+    def _run_predict(self, served: ServedModel, padded: np.ndarray | jax.Array) -> jax.Array:
         """The served path's probabilities of a padded batch: THE predict call,
         shared by Predict and the warm-up so both hit the same compiled program."""
         return steps.predict_probabilities(
@@ -603,39 +654,100 @@ class Engine:
         """Writes a checkpoint step under state_dir; returns the step (0 when no state_dir)."""
         if not self.state_dir:
             return 0
-        if extra is None and self.extra_state is not None:
-            extra = self.extra_state()
+        extra = self._extra(extra)
         with self._lock:
-            if extra is not None:
-                self.restored_extra = dict(extra)
-            saved_extra = {**self.restored_extra, PREDICT_BUCKETS_KEY: sorted(self._used_buckets.copy())}
-            written = checkpoint.save(self.system, self.state_dir, extra=saved_extra)
-            self.checkpoint_step = written.step
+            written = self._write_checkpoint(extra)
+            self._publish(())  # the summary's checkpoint step
         if emit is not None:
             emit(CheckpointWritten(task, written.step, self.state_dir, written.new_components))
         return written.step
 
-    def summary(self) -> SystemSummary:
+    def _extra(self, extra: Mapping[str, Any] | None = None) -> Mapping[str, Any] | None:
+        if extra is None and self.state_dir and self.extra_state is not None:
+            return self.extra_state()
+        return extra
+
+    def _write_checkpoint(self, extra: Mapping[str, Any] | None) -> checkpoint.Written | None:
+        """Writes a checkpoint step (under the lock); None without a state_dir."""
+        if not self.state_dir:
+            return None
         with self._lock:
-            system = self.system
-            per_task = {t: self._accounted_params(t) for t in system.best}
-            sharing: dict[tuple[str, str], int] = {}
-            for component in system.components.values():
-                lockers = sorted(component.locked_by)
-                for i, a in enumerate(lockers):
-                    for b in lockers[i + 1 :]:
-                        sharing[(a, b)] = sharing.get((a, b), 0) + 1
-            return SystemSummary(
-                num_tasks=len(system.tasks),
-                num_components=len(system.components),
-                total_params=sum(c.num_params for c in system.components.values()),
-                params_per_task=per_task,
-                sharing=sharing,
-                checkpoint_step=self.checkpoint_step,
-                root_description=system.root_description,
-                config_name=system.config.name,
-                damaged_tasks=tuple(sorted(system.damaged_best)),
-            )
+            if extra is not None:
+                self.restored_extra = dict(extra)
+            saved_extra = {**self.restored_extra, PREDICT_BUCKETS_KEY: sorted(self._used_buckets.copy())}
+            started = time.perf_counter()
+            written = None
+            try:
+                written = checkpoint.save(self.system, self.state_dir, extra=saved_extra, store=self._store)
+            finally:
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(written, time.perf_counter() - started)
+            self.checkpoint_step = written.step
+        return written
+
+    def summary(self) -> SystemSummary:
+        return self._view.summary  # no lock: the published view
+
+    def refresh_views(self) -> None:
+        """Rebuilds every published record; for callers (tests, tools) that
+        changed `engine.system` directly rather than through the engine."""
+        with self._lock:
+            self._publish(None, sharing=True)
+
+    # ---- the published read view (built under the lock) ---------------------
+
+    def _publish(self, tasks: Collection[str] | None, *, sharing: bool = False) -> None:
+        """Publishes a new read view with the records of `tasks` rebuilt (every
+        task's when None) and the summary brought up to date; `sharing` when
+        component locks changed. The caller holds the lock."""
+        system, old = self.system, self._view
+        if tasks is None or old is None:
+            infos = {name: self._task_info(name) for name in system.tasks}
+        else:
+            infos = dict(old.infos)
+            for name in tasks:
+                if name in system.tasks:
+                    infos[name] = self._task_info(name)
+                else:
+                    infos.pop(name, None)
+        names = old.names if old is not None and infos.keys() == old.infos.keys() else tuple(sorted(infos))
+        if sharing:
+            self._sharing = types.MappingProxyType(_sharing(system))
+        self._count_params()
+        summary = SystemSummary(
+            num_tasks=len(system.tasks),
+            num_components=len(system.components),
+            total_params=self._total_params,
+            params_per_task=types.MappingProxyType({t: infos[t].accounted_params for t in system.best}),
+            sharing=self._sharing,
+            checkpoint_step=self.checkpoint_step,
+            root_description=system.root_description,
+            config_name=system.config.name,
+            damaged_tasks=tuple(sorted(system.damaged_best)),
+        )
+        self._view = _ReadView(types.MappingProxyType(infos), names, tuple(map(infos.__getitem__, names)), summary)
+
+    def _count_params(self) -> None:
+        """Brings the total parameter count up to date with the components
+        added and dropped since the last view (key-set differences, no walk
+        of every component's parameters)."""
+        counts, components = self._param_counts, self.system.components
+        if counts.keys() == components.keys():
+            return
+        for component_id in counts.keys() - components.keys():
+            self._total_params -= counts.pop(component_id)
+        for component_id in components.keys() - counts.keys():
+            counts[component_id] = components[component_id].num_params
+            self._total_params += counts[component_id]
+
+    def _sharing_with(self, task: str) -> set[str]:
+        """The task and every task locking a component it locks: the records
+        whose accounted parameters and sharing change when its locks do."""
+        lockers = {task}
+        for component in self.system.components.values():
+            if task in component.locked_by:
+                lockers |= component.locked_by
+        return lockers & self.system.tasks.keys() | {task}
 
     def _accounted_params(self, task: str) -> float:
         """The served path's parameters with sharing as it stands now."""
@@ -660,8 +772,38 @@ class Engine:
             params=path_params, path_params=path_params, accounted_params=self._accounted_params(name),
             own_params=sum(c.params for c in components if c.locked_by == (name,)),
             flops=path.flops or 0.0, path_version=path.version, components=components,
-            shares_with=tuple(self.system.tasks_sharing(name)), hparams=dict(path.hparams),
+            shares_with=tuple(self.system.tasks_sharing(name)),
+            hparams=types.MappingProxyType(dict(path.hparams)),  # shared by every reader: read-only
         )
+
+
+class _PublishingLock:
+    """The engine's lock as a search's iteration takes it: what the iteration
+    changed under it (its task's served path re-scored, candidates adopted,
+    components collected) is published before the lock is released."""
+
+    def __init__(self, engine: Engine, task: str):
+        self._engine, self._task = engine, task
+
+    def __enter__(self) -> None:
+        self._engine._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self._engine._publish((self._task,))
+        finally:
+            self._engine._lock.release()
+
+
+def _sharing(system: System) -> dict[tuple[str, str], int]:
+    """(task a, task b) -> the components both lock, a < b."""
+    sharing: dict[tuple[str, str], int] = {}
+    for component in system.components.values():
+        lockers = sorted(component.locked_by)
+        for i, a in enumerate(lockers):
+            for b in lockers[i + 1 :]:
+                sharing[(a, b)] = sharing.get((a, b), 0) + 1
+    return sharing
 
 
 def _bucket(n: int) -> int:

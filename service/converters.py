@@ -368,6 +368,12 @@ _PAGE_TOKEN = re.compile(r"o[0-9]{1,18}")
 
 def page(items: Sequence[Any], page_size: int, page_token: str) -> tuple[Sequence[Any], str]:
     """One page of `items` and the token of the next ("" on the last page)."""
+    start, end = page_bounds(page_size, page_token)
+    return items[start:end], next_page_token(end, len(items))
+
+
+def page_bounds(page_size: int, page_token: str) -> tuple[int, int]:
+    """The offsets [start, end) of the page a request asks for."""
     if page_size < 0:
         raise InvalidArgumentError("page_size", f"must not be negative, got {page_size}")
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -376,8 +382,12 @@ def page(items: Sequence[Any], page_size: int, page_token: str) -> tuple[Sequenc
         if not _PAGE_TOKEN.fullmatch(page_token):  # ASCII digits only: int() takes others
             raise InvalidArgumentError("page_token", "not a token this server issued")
         start = int(page_token[1:])
-    end = start + size
-    return items[start:end], (f"o{end}" if end < len(items) else "")
+    return start, start + size
+
+
+def next_page_token(end: int, total: int) -> str:
+    """The token of the page after one ending at `end` of `total` items ("" on the last page)."""
+    return f"o{end}" if end < total else ""
 
 
 # ---- image tensors --------------------------------------------------------------

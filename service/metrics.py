@@ -32,7 +32,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -99,13 +99,6 @@ def directory_bytes(path: str) -> int:
             except OSError:
                 pass
     return total
-
-
-def _listdir(path: str) -> set[str]:
-    try:
-        return set(os.listdir(path))
-    except OSError:
-        return set()
 
 
 @dataclasses.dataclass
@@ -235,27 +228,18 @@ class ServerMetrics:
         self._follower.start()
 
     def _time_checkpoints(self, engine: Any) -> None:
-        """Wraps the engine's save (every checkpoint goes through it) with a timer."""
-        save = engine.save
+        """Observes every checkpoint the engine writes (whatever calls it)."""
         state_dir = engine.state_dir
 
-        def timed_save(*args: Any, **kwargs: Any) -> int:
-            if not state_dir:
-                return save(*args, **kwargs)
-            components = os.path.join(state_dir, "components")
-            before = _listdir(components)
-            started = time.perf_counter()
-            try:
-                step = save(*args, **kwargs)
-            except Exception:
+        def observe(written: Any, seconds: float) -> None:
+            if written is None:
                 self.checkpoint_failures.inc()
-                raise
-            self._observe_checkpoint(state_dir, step, _listdir(components) - before, time.perf_counter() - started)
-            return step
+            else:
+                self._observe_checkpoint(state_dir, written.step, written.component_ids, seconds)
 
-        engine.save = timed_save
+        engine.on_checkpoint = observe
 
-    def _observe_checkpoint(self, state_dir: str, step: int, new_components: set[str], seconds: float) -> None:
+    def _observe_checkpoint(self, state_dir: str, step: int, new_components: Sequence[str], seconds: float) -> None:
         written = directory_bytes(os.path.join(state_dir, "manifest", str(step)))
         written += sum(directory_bytes(os.path.join(state_dir, "components", name)) for name in new_components)
         self.checkpoint_seconds.observe(seconds)

@@ -29,6 +29,8 @@ LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 EVOLUTION_SERVICE = "evolve.v1.EvolutionService"
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 LONGRUNNING_SERVICE = "google.longrunning.Operations"
+# What a drain allows the final checkpoint on top of the grace periods.
+FINAL_CHECKPOINT_SECONDS = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -576,12 +578,18 @@ class Server:
         """Stops taking calls, stops the worker, writes the final checkpoint."""
         self.health.enter_graceful_shutdown()
         self.backend.drain()
-        stopped = self.server.stop(self.options.grace_seconds)
-        self._loader.join(self.options.grace_seconds)
+        grace = self.options.grace_seconds
+        worker_timeout = max(grace, 10.0)
+        # New calls are refused from now on. Calls in flight keep going while
+        # the worker stops and the final checkpoint is written (a stream then
+        # still gets its last events); the grace period proper starts once
+        # the streams have been told to end (the second stop shortens this one).
+        stopped = self.server.stop(2 * grace + worker_timeout + FINAL_CHECKPOINT_SECONDS)
+        self._loader.join(grace)
         loaded = self.backend.loaded
         code = 1 if self._load_failed else 0
         if loaded is not None:
-            loaded.jobs.shutdown(timeout=max(self.options.grace_seconds, 10.0))
+            loaded.jobs.shutdown(timeout=worker_timeout)
             try:
                 # No CheckpointWritten event: the saved event position stays exact.
                 step = loaded.engine.save(extra=loaded.jobs.extra_state(clean_shutdown=True))
@@ -590,6 +598,7 @@ class Server:
                 logger.exception("the final checkpoint failed; the previous one stays")
                 code = 1
             loaded.events.close()  # ends WatchEvolution streams after the last events
+        self.server.stop(grace)
         stopped.wait()
         if self.metrics is not None:
             self.metrics.close()

@@ -223,8 +223,11 @@ class EvolutionServicer(evolve_pb2_grpc.EvolutionServiceServicer):
 
     def ListTasks(self, request, context):
         loaded = self._backend.require()
-        tasks, token = converters.page(loaded.engine.tasks(), request.page_size, request.page_token)
-        return evolve_pb2.ListTasksResponse(tasks=[converters.task_to_proto(t) for t in tasks], next_page_token=token)
+        start, end = converters.page_bounds(request.page_size, request.page_token)
+        tasks, total = loaded.engine.task_page(start, end - start)  # the page's records only
+        return evolve_pb2.ListTasksResponse(
+            tasks=[converters.task_to_proto(t) for t in tasks], next_page_token=converters.next_page_token(end, total)
+        )
 
     def Improve(self, request, context):
         loaded = self._backend.require()

@@ -183,3 +183,72 @@ def test_component_dir_left_by_a_crash_under_a_reused_id_is_replaced(tmp_path):
     meta = {"name": "head", "origin": "t", "trained": True, "locked_by": [], "content_hash": fresh.content_hash}
     restored = checkpoint.read_component(state_dir, meta, "c999999")
     np.testing.assert_array_equal(restored.params["kernel"], np.ones((2, 2), np.float32))
+
+
+def _spy(monkeypatch, name: str) -> list:
+    """Counts calls to checkpoint.<name> (the real function still runs)."""
+    calls: list = []
+    real = getattr(checkpoint, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, name, counted)
+    return calls
+
+
+def test_saves_after_restore_cost_what_changed(trained, tmp_path, monkeypatch):
+    """Issue 12: restore verifies every component once; the saves that follow
+    look at no component they know and read each old manifest at most once."""
+    import shutil
+
+    from evolve.types import Component
+
+    engine, state_dir = trained
+    copy = str(tmp_path / "state")
+    shutil.copytree(state_dir, copy)
+    restored = Engine.restore(copy)
+    stored_hash, manifests = _spy(monkeypatch, "_stored_hash"), _spy(monkeypatch, "_read_manifest")
+    restored.save()
+    assert stored_hash == []
+    retained = len([s for s in os.listdir(os.path.join(copy, "manifest")) if s.isdigit()])
+    assert len(manifests) <= retained - 2  # neither the restored step nor the new one
+    manifests.clear()
+    restored.save()
+    assert stored_hash == [] and manifests == []
+    new = Component(restored.system.new_id("c"), "head", {"kernel": np.ones((2, 3), np.float32)}, origin="x")
+    restored.system.components[new.id] = new
+    written = checkpoint.save(restored.system, copy, store=restored._store)
+    assert written.component_ids == (new.id,) and stored_hash == [] and manifests == []
+    # What a store trusts is still verified on the next restore.
+    assert set(checkpoint.restore(copy).system.components) == set(restored.system.components)
+
+
+def test_a_failed_saves_components_are_collected_by_the_next_save(tmp_path, monkeypatch):
+    """Components written by a save whose manifest never committed, and then
+    dropped (the engine undoes a failed save), leave no directory behind."""
+    import orbax.checkpoint as ocp
+
+    from evolve.errors import StorageError
+    from evolve.types import Component
+
+    state_dir = str(tmp_path)
+    engine = Engine.create(tiny_config(generations=1), state_dir=state_dir)
+    engine.save()
+    orphan = Component(engine.system.new_id("c"), "head", {"kernel": np.ones((2, 3), np.float32)}, origin="x")
+    engine.system.components[orphan.id] = orphan
+    real_save = ocp.CheckpointManager.save
+
+    def failing_save(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
+    with pytest.raises(StorageError):
+        engine.save()
+    assert orphan.id in _component_dirs(state_dir)  # written before the commit failed
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+    del engine.system.components[orphan.id]
+    engine.save()
+    assert orphan.id not in _component_dirs(state_dir)
+    assert _component_dirs(state_dir) == set(engine.system.components)

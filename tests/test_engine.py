@@ -188,3 +188,22 @@ def test_digits_reaches_95_percent(tmp_path):
     engine.add_task(TaskSpec("digits", BundledSource("digits"), SearchBudget(examples_per_round=1312)))
     info = engine.run_search("digits")
     assert info.test_accuracy >= 0.95, info
+
+
+def test_warm_up_compiles_again_what_the_serving_bound_evicted(three_task_run):
+    """Warm-up asks the compiled-executable cache, not a record of its own:
+    a predict program evicted under --max-compiled-predicts is compiled again
+    before serving, and the next Predict finds it."""
+    from evolve.train import steps
+
+    engine, _, probe, _, _ = three_task_run
+    engine.warm_up()
+    assert engine.warm_up().executables == 0  # every served program is in memory
+    steps.SERVING.clear()  # what evicting them all under the bound leaves
+    rewarmed = engine.warm_up().executables
+    assert rewarmed >= 1
+    misses = steps.SERVING.misses
+    for task in engine.system.best:
+        engine.predict(task, probe[:1])  # bucket 1: warm
+    assert steps.SERVING.misses == misses
+    assert engine.warm_up().executables == 0

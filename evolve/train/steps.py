@@ -86,6 +86,10 @@ class CompiledCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
+
     def _evict(self) -> None:
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
@@ -145,19 +149,27 @@ class BoundedJit:
         self._images_argnum = images_argnum
         self.jitted = jax.jit(fun, **self._jit_options)
 
+    def _key(self, args: Sequence[Any], static: Mapping[str, Any]) -> Hashable:
+        return (
+            self._name,
+            tuple(sorted(static.items())),
+            tuple(tuple(sorted(args[i])) for i in self._tree_argnums),
+            tuple(_aval_key(arg) for i, arg in enumerate(args) if i not in self._skipped),
+            _placement(args[self._images_argnum]),
+            _placement(_first_leaf(args[self._tree_argnums[0]])),
+        )
+
+    def is_compiled(self, *args, **static) -> bool:
+        """Whether a call with these arguments would find its executable in
+        the cache now (it may be evicted later); neither a hit nor a miss."""
+        return self._key(args, static) in self._cache
+
     def __call__(self, *args, **static):
         images = args[self._images_argnum]
         some_param = _first_leaf(args[self._tree_argnums[0]])
         if isinstance(images, jax.core.Tracer) or isinstance(some_param, jax.core.Tracer):
             return self.jitted(*args, **static)
-        key = (
-            self._name,
-            tuple(sorted(static.items())),
-            tuple(tuple(sorted(args[i])) for i in self._tree_argnums),
-            tuple(_aval_key(arg) for i, arg in enumerate(args) if i not in self._skipped),
-            _placement(images),
-            _placement(some_param),
-        )
+        key = self._key(args, static)
         executable = self._cache.get(key)
         if executable is None:
             own_jit = jax.jit(functools.partial(self._fun), **self._jit_options)

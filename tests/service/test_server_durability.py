@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import resource
 import shutil
+import signal
 import threading
 import time
 
@@ -267,3 +268,26 @@ def test_a_missing_component_damages_only_its_task(server, server_factory):
         assert not stub.GetSystem(evolve_pb2.GetSystemRequest(), timeout=TIMEOUT).damaged_tasks
         np.testing.assert_array_equal(_predict(stub, "a"), before)
     assert restarted.stop() == 0
+
+
+def test_a_drain_longer_than_the_grace_period_still_ends_streams_with_their_last_events(server_factory):
+    """SIGTERM's cancelled search and final checkpoint take longer than a
+    0.05 s grace period; the watch stream must still get the search's end
+    and close normally rather than be cut with UNAVAILABLE."""
+    from tests.service.test_server_e2e import collect_in_background, follow_until
+
+    server = server_factory.start("--seed", "4", "--grace-seconds", "0.05")
+    with server.channel() as channel:
+        stub = _stub(channel)
+        stub.SubmitTask(submit_request("slow_drain", "digits"), timeout=TIMEOUT)
+        follow_until(stub, lambda seen: seen[-1].WhichOneof("kind") == "generation_started", task="slow_drain")
+        collected, collector = collect_in_background(stub)
+        deadline = time.monotonic() + TIMEOUT
+        while not collected and time.monotonic() < deadline:  # the stream is open and replaying
+            time.sleep(0.05)
+        assert server.stop(signal.SIGTERM) == 0
+        collector.join(30)
+    assert not collector.is_alive() and collected
+    assert all(isinstance(e, evolve_pb2.Event) for e in collected), collected[-1]
+    assert collected[-1].task == "slow_drain" and collected[-1].search_finished.state == "CANCELLED"
+    assert "final checkpoint" in server.log()

@@ -231,12 +231,13 @@ print(json.dumps({"bounded_rss_mb": bounded[0], "bounded_heap_mb": bounded[1], "
 
 
 def test_memory_stays_flat_under_the_bound_and_grows_beyond_it():
-    """Five new structures after another: with a bound of one executable, RSS
-    grows less than 3 MB a structure and the heap in use less than 1 (measured
-    on 2 loaded cores: 0.6-1.6 and 0.27; what grows is jax's own trace caches,
-    bounded themselves); with a large bound the heap grows more than 2 MB a
-    structure and RSS more than 1.5 (measured: 2.7 and 3-4, one train step
-    executable each)."""
+    """Five new structures after another: with a bound of one executable the
+    heap in use grows less than 1 MB a structure (measured on 2 loaded cores:
+    0.24-0.27; what grows is jax's own trace caches, bounded themselves) and
+    RSS less than 6 (measured 0.8-5: RSS also counts freed pages the allocator
+    has not returned, which depends on timing, so the heap is the sharp
+    measure); with a large bound the heap grows more than 2 MB a structure and
+    RSS more than 1.5 (measured: 2.7 and 3-5.5, one train step executable each)."""
     structures = 5
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
@@ -246,7 +247,7 @@ def test_memory_stays_flat_under_the_bound_and_grows_beyond_it():
     out = json.loads(result.stdout.strip().splitlines()[-1])
     print(out)
     assert out["kept"] == structures + 1
-    assert out["bounded_rss_mb"] < 3 * structures and out["bounded_heap_mb"] < 1 * structures, out
+    assert out["bounded_rss_mb"] < 6 * structures and out["bounded_heap_mb"] < 1 * structures, out
     assert out["large_bound_heap_mb"] > 2 * structures and out["large_bound_rss_mb"] > 1.5 * structures, out
 
 
