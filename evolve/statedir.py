@@ -29,6 +29,15 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 DISK_FULL_TEXTS = ("no space left", "disk quota", "file too large")
 
 
+def write_text_atomically(path: str, text: str) -> None:
+    """Writes a small text file so that a reader sees the old contents or the
+    new ones, never half (a temporary beside it, then a rename)."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
 @dataclasses.dataclass(frozen=True)
 class Holder:
     pid: int

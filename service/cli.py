@@ -37,6 +37,7 @@ from google.protobuf.message import Message
 
 from evolve import __version__, types
 from evolve.errors import EvolveError
+from evolve.statedir import write_text_atomically
 from service import client as client_lib
 from service import report as report_page
 from service.report import human, percent  # one number formatting for the CLI and the page
@@ -1052,9 +1053,7 @@ def cmd_report(client, args) -> int:
                                    graph_layout=args.graph)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "index.html")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(path + ".tmp", path)  # a reader never sees half a page
+    write_text_atomically(path, page)  # a reader never sees half a page
     if args.json:
         print_json({"path": os.path.abspath(path), "tasks": len(tasks), "events": len(events)})
     else:

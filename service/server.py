@@ -395,10 +395,9 @@ def _address(host: str, port: int) -> str:
 
 
 def _write_port_file(path: str, port: int) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(f"{port}\n")
-    os.replace(temporary, path)
+    from evolve.statedir import write_text_atomically  # noqa: PLC0415 (no JAX)
+
+    write_text_atomically(path, f"{port}\n")
 
 
 # ---- the server ------------------------------------------------------------------------

@@ -190,14 +190,13 @@ class TaskIteration:
                 self.emit(CandidateAccepted(self.task, leader.id, leader.score or 0.0, leader.quality or 0.0))
         return population
 
-    def _progress_reporter(self, generation: int, candidates: int) -> Callable[[int, int], None]:
+    def _progress_reporter(self, generation: int, candidates: int) -> Callable[[int, int, int], None]:
         """A train_candidates step callback emitting throttled TrainingProgress events."""
         throttle = ProgressThrottle(self.progress_seconds)
-        examples_per_step = self.plan.batch_size * candidates
 
-        def report(step: int, steps: int) -> None:
+        def report(step: int, steps: int, examples: int) -> None:
             if throttle.due(step, steps):
-                rate = step * examples_per_step / max(throttle.elapsed(), 1e-9)
+                rate = examples / max(throttle.elapsed(), 1e-9)
                 self.emit(TrainingProgress(self.task, generation, self.plan.generations, candidates, step, steps,
                                            round(rate, 1)))
 

@@ -305,14 +305,16 @@ def train_candidates(
     seed: int,
     devices: Sequence[jax.Device] | None = None,
     cancel: threading.Event | None = None,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> list[TrainResult]:
     """Trains every plan for settings.rounds rounds, validating after each;
     with successive halving (`settings.halving_round`) the better half by
     validation score then trains on for the rounds the others give up.
 
-    `on_step(steps done, total steps)` is called after every step has been
-    dispatched to every candidate (it must be cheap; it never waits on a device)."""
+    `on_step(steps done, total steps, examples)` is called after every step
+    has been dispatched to every training candidate, with the examples all
+    candidates have trained on so far (fewer per step once halving stopped
+    some); it must be cheap and never waits on a device."""
     devices = list(devices or jax.local_devices())
     steps_per_round = settings.steps_per_round
     halving_round, rounds = settings.halving(len(plans))
@@ -340,11 +342,11 @@ def _train_rounds(
     rounds: int,
     halving_round: int,
     cancel: threading.Event | None,
-    on_step: Callable[[int, int], None] | None,
+    on_step: Callable[[int, int, int], None] | None,
 ) -> None:
     steps_per_round = settings.steps_per_round
     total_steps = steps_per_round * rounds
-    step_index = 0
+    step_index = examples = 0
     active = list(states)
     for round_index in range(rounds):
         for _ in range(steps_per_round):
@@ -354,8 +356,9 @@ def _train_rounds(
             for state in active:  # dispatch all candidates before waiting on any
                 state.step(step_index, by_size[state.plan.structure.image_size], labels)
             step_index += 1
+            examples += settings.batch_size * len(active)
             if on_step is not None:
-                on_step(step_index, total_steps)
+                on_step(step_index, total_steps, examples)
         # Every candidate's validation is dispatched before any result is read.
         pending = [
             state.dispatch_validation(validation[state.plan.structure.image_size], validation_labels,

@@ -168,13 +168,18 @@ def test_halving_trains_the_better_candidate_on_as_if_alone():
     learner = _plan(structure, names, 0, hparams)
     stuck = _plan(structure, {"head"}, 1, dict(hparams, learning_rate=1e-4))
     settings = loop.TrainSettings(batch_size=16, rounds=3, examples_per_round=64, eval_batch_size=64, halving_round=1)
-    halved = loop.train_candidates([stuck, learner], _data(), settings, {}, seed=4)
+    examples = []
+    halved = loop.train_candidates([stuck, learner], _data(), settings, {}, seed=4,
+                                   on_step=lambda step, steps, seen: examples.append(seen))
     alone = loop.train_candidates(
         [_plan(structure, names, 0, hparams)], _data(), dataclasses.replace(settings, rounds=5, halving_round=0), {},
         seed=4,
     )[0]
     steps_per_round = settings.steps_per_round
     assert [r.steps for r in halved] == [1 * steps_per_round, 5 * steps_per_round]
+    # The progress callback counts what trained: both before the halving, one after.
+    assert examples[steps_per_round - 1] == 2 * 16 * steps_per_round
+    assert examples[-1] == sum(r.steps for r in halved) * 16
     assert halved[1].quality == alone.quality and halved[1].quality > halved[0].quality
     jax.tree.map(np.testing.assert_array_equal, halved[1].trainable, alone.trainable)
 
@@ -187,7 +192,7 @@ def test_prefetching_stops_early_and_hands_on_errors():
     structure = PathStructure(TEST_SIZE, 2, 16, 3, (), 8)
     cancel = threading.Event()
 
-    def stop_after_one(step, steps):
+    def stop_after_one(step, steps, examples):
         cancel.set()
 
     before = {t.name for t in threading.enumerate()}
