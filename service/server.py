@@ -507,6 +507,8 @@ class Server:
 
     def run(self) -> int:
         """Serves until SIGTERM / SIGINT; returns the exit code."""
+        # Before the port file says where we listen: whoever reads it may signal us at once.
+        self._install_signal_handlers()
         self.server.start()
         logger.info("listening on %s (%s); loading the system from %s",
                     _address(self.options.host, self.port), "TLS" if self.options.tls_cert else "plaintext",
@@ -519,7 +521,6 @@ class Server:
             if self.options.metrics_port_file:
                 _write_port_file(self.options.metrics_port_file, self.metrics_port)
         warn_if_exposed(self.options)
-        self._install_signal_handlers()
         self._loader.start()
         while not self._stop.wait(0.5):
             pass
