@@ -680,10 +680,20 @@ class Engine:
             try:
                 written = checkpoint.save(self.system, self.state_dir, extra=saved_extra, store=self._store)
             finally:
-                if self.on_checkpoint is not None:
-                    self.on_checkpoint(written, time.perf_counter() - started)
+                self._tell_checkpoint(written, time.perf_counter() - started)
             self.checkpoint_step = written.step
         return written
+
+    def _tell_checkpoint(self, written: checkpoint.Written | None, seconds: float) -> None:
+        """Calls `on_checkpoint`; a listener that fails is logged, never the
+        save's failure (a committed step must not be undone for it)."""
+        if self.on_checkpoint is None:
+            return
+        try:
+            self.on_checkpoint(written, seconds)
+        except Exception:
+            logger.exception("the checkpoint listener failed (the checkpoint itself %s)",
+                             "failed" if written is None else f"committed step {written.step}")
 
     def summary(self) -> SystemSummary:
         return self._view.summary  # no lock: the published view

@@ -252,3 +252,19 @@ def test_a_failed_saves_components_are_collected_by_the_next_save(tmp_path, monk
     engine.save()
     assert orphan.id not in _component_dirs(state_dir)
     assert _component_dirs(state_dir) == set(engine.system.components)
+
+
+def test_a_failing_checkpoint_listener_never_fails_or_undoes_a_save(tmp_path):
+    """Engine.on_checkpoint (the metrics) is told of every write; when it
+    raises, the committed step stands and the save returns it."""
+    engine = Engine.create(tiny_config(generations=1), state_dir=str(tmp_path))
+    told = []
+
+    def listener(written, seconds):
+        told.append(written.step)
+        raise RuntimeError("metrics broke")
+
+    engine.on_checkpoint = listener
+    step = engine.save()
+    assert told == [step] and engine.checkpoint_step == step
+    assert checkpoint.restore(str(tmp_path)).step == step
