@@ -611,13 +611,14 @@ class Engine:
         """Compiles and runs the predict step once at this bucket unless its
         executable is in memory (an evicted one compiles again); returns 1 if it ran."""
         size = served.structure.image_size
-        images = jax.device_put(np.zeros((bucket, size, size, 3), np.float32), self.devices[0])
-        if steps.predict_probabilities.is_compiled(served.params, images, structure=served.structure):
-            return 0
-        self._run_predict(served, images).block_until_ready()
+        batch = jax.ShapeDtypeStruct((bucket, size, size, 3), np.float32,
+                                     sharding=jax.sharding.SingleDeviceSharding(self.devices[0]))
+        if steps.predict_probabilities.is_compiled(served.params, batch, structure=served.structure):
+            return 0  # nothing allocated or uploaded for a warm program
+        self._run_predict(served, np.zeros(batch.shape, batch.dtype)).block_until_ready()
         return 1
 
-    def _run_predict(self, served: ServedModel, padded: np.ndarray | jax.Array) -> jax.Array:
+    def _run_predict(self, served: ServedModel, padded: np.ndarray) -> jax.Array:
         """The served path's probabilities of a padded batch: THE predict call,
         shared by Predict and the warm-up so both hit the same compiled program."""
         return steps.predict_probabilities(

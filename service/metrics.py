@@ -219,7 +219,7 @@ class ServerMetrics:
     def attach(self, engine: Any, jobs: Any, events: Any) -> None:
         """Starts measuring a loaded system: its checkpoints, operations and events."""
         self._engine, self._jobs = engine, jobs
-        self._time_checkpoints(engine)
+        self._observe_checkpoints(engine)
         finished = {record.name for record in jobs.list() if record.done}  # ended before this process
         self._refresh()
         self._follower = threading.Thread(
@@ -227,7 +227,7 @@ class ServerMetrics:
         )
         self._follower.start()
 
-    def _time_checkpoints(self, engine: Any) -> None:
+    def _observe_checkpoints(self, engine: Any) -> None:
         """Observes every checkpoint the engine writes (whatever calls it)."""
         state_dir = engine.state_dir
 

@@ -34,12 +34,6 @@ def _fresh_summary(engine: Engine) -> SystemSummary:
     """GetSystem's answer as it was computed before the view: from the whole System."""
     with engine._lock:
         system = engine.system
-        sharing: dict[tuple[str, str], int] = {}
-        for component in system.components.values():
-            lockers = sorted(component.locked_by)
-            for i, a in enumerate(lockers):
-                for b in lockers[i + 1 :]:
-                    sharing[(a, b)] = sharing.get((a, b), 0) + 1
         return SystemSummary(
             num_tasks=len(system.tasks),
             num_components=len(system.components),
@@ -47,7 +41,7 @@ def _fresh_summary(engine: Engine) -> SystemSummary:
             params_per_task={
                 t: scoring.accounted_params(system.path_components(system.best_path(t)), t) for t in system.best
             },
-            sharing=sharing,
+            sharing=engine_module._sharing(system),  # computed now; the view holds what it computed last
             checkpoint_step=engine.checkpoint_step,
             root_description=system.root_description,
             config_name=system.config.name,

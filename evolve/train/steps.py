@@ -161,7 +161,8 @@ class BoundedJit:
 
     def is_compiled(self, *args, **static) -> bool:
         """Whether a call with these arguments would find its executable in
-        the cache now (it may be evicted later); neither a hit nor a miss."""
+        the cache now (it may be evicted later); neither a hit nor a miss.
+        An array argument may be a `jax.ShapeDtypeStruct` with its sharding."""
         return self._key(args, static) in self._cache
 
     def __call__(self, *args, **static):
@@ -189,7 +190,8 @@ def _aval_key(value: Any) -> Hashable:
 
 
 def _placement(value: Any) -> Hashable:
-    return value.sharding if isinstance(value, jax.Array) else None
+    """A device array's (or ShapeDtypeStruct's) sharding; None for host values."""
+    return getattr(value, "sharding", None)
 
 
 def bounded_jit(cache: CompiledCache, **options) -> Callable[[Callable], BoundedJit]:
