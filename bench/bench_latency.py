@@ -1,8 +1,10 @@
-"""Predict latency over gRPC, with and without a search running beside it.
+"""Predict latency over gRPC, with and without a search running beside it,
+with and without Predict's priority over training (evolve.train.priority).
 
-Starts a real server (`python -m service.server`, temporary state directory,
-a fast search configuration), makes the bundled "digits" task ready, then
-measures back-to-back Predict calls twice:
+For each policy (--policies; default both) it starts a real server (`python
+-m service.server`, temporary state directory, a fast search configuration,
+`--serving-max-yield-ms` 50 for "priority", 0 for "none"), makes the bundled
+"digits" task ready, then measures back-to-back Predict calls twice:
 
   idle    nothing else runs on the server;
   search  while an extension search of another bundled task (with a larger
@@ -10,8 +12,10 @@ measures back-to-back Predict calls twice:
 
 Only samples taken while that search's operation is RUNNING count for the
 second column, for --busy-seconds (compiles of new candidate structures
-included, as in real use); the search is then cancelled. Prints p50 /
-p90 / p99 / max side by side, and one JSON line with --json.
+included, as in real use); the search is then cancelled. The search's own
+training rate in that window (its last TrainingProgress event) shows what
+the priority costs training. Prints p50 / p90 / p99 / max side by side per
+policy, the ratios, and one JSON line with --json.
 
     python bench/bench_latency.py [--batch 1] [--requests 300] [--json]
 """
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +37,7 @@ TASK = "digits"
 BUSY_TASK = "digits_parity"
 RUNNING = 2  # evolve.v1.OPERATION_STATE_RUNNING
 QUANTILES = (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+POLICIES = {"priority": 50.0, "none": 0.0}  # --serving-max-yield-ms of each
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra server configuration overrides")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--policies", default="priority,none",
+                        help="comma-separated, from: " + ", ".join(POLICIES))
     parser.add_argument("--json", action="store_true", help="also print one JSON line")
     return parser.parse_args(argv)
 
@@ -82,6 +90,10 @@ def busy_latencies(client, images, args: argparse.Namespace) -> tuple[list[float
             raise RuntimeError(f"the concurrent search {name} never ran (is the search budget too small?)")
         time.sleep(0.2)
     time.sleep(2.0)  # past the data loading, into training
+    progress: list = []
+    stream = client.watch(BUSY_TASK)
+    watcher = threading.Thread(target=_collect_progress, args=(stream, progress), daemon=True)
+    watcher.start()
     calls = {"count": 0}
     stop_at = time.monotonic() + args.busy_seconds
 
@@ -94,17 +106,34 @@ def busy_latencies(client, images, args: argparse.Namespace) -> tuple[list[float
 
     samples = latencies(client, images, sys.maxsize, still_running)
     final = client.get_operation(name)
+    stream.cancel()
     info = {"operation": name, "still_running_at_end": final.metadata.state == RUNNING,
-            "generation": final.metadata.generation, "candidates_scored": final.metadata.candidates_scored}
+            "generation": final.metadata.generation, "candidates_scored": final.metadata.candidates_scored,
+            "train_examples_per_second": round(progress[-1], 1) if progress else None}
     if not final.done:
         client.cancel_operation(name)
     return samples, info
 
 
-def run(args: argparse.Namespace) -> dict:
+def _collect_progress(stream, progress: list) -> None:
+    """Appends the examples/s of every TrainingProgress event until cancelled."""
+    import grpc  # pylint: disable=import-outside-toplevel
+
+    try:
+        for event in stream:
+            if event.HasField("training_progress"):
+                progress.append(event.training_progress.examples_per_second)
+    except grpc.RpcError as error:  # CANCELLED once the bench stops the stream
+        if error.code() != grpc.StatusCode.CANCELLED:
+            raise
+
+
+def run_policy(args: argparse.Namespace, policy: str) -> dict:
     overrides = list(serving.FAST_SEARCH) + list(args.set)
     images = serving.digits_images(args.batch)
-    with serving.running_server(args.state_dir, overrides, startup_timeout=args.startup_timeout) as (_, client):
+    extra = ["--serving-max-yield-ms", str(POLICIES[policy])]
+    with serving.running_server(args.state_dir, overrides, startup_timeout=args.startup_timeout,
+                                extra_args=extra) as (_, client):
         search_seconds = serving.run_task(client, serving.bundled_spec(TASK))
         print(f"search of {TASK} done in {search_seconds:.1f}s", flush=True)
         latencies(client, images, 20)  # warm-up: compile, connection
@@ -112,26 +141,53 @@ def run(args: argparse.Namespace) -> dict:
         print(f"idle: {len(idle)} samples", flush=True)
         busy, info = busy_latencies(client, images, args)
         print(f"during the search of {BUSY_TASK}: {len(busy)} samples", flush=True)
+    idle_ms, search_ms = summarize(idle), summarize(busy)
     return {
-        "benchmark": "predict_latency",
-        "task": TASK,
-        "batch": args.batch,
-        "idle_ms": summarize(idle),
-        "search_ms": summarize(busy),
+        "serving_max_yield_ms": POLICIES[policy],
+        "idle_ms": idle_ms,
+        "search_ms": search_ms,
+        "p99_search_over_idle": round(search_ms["p99"] / idle_ms["p99"], 2) if idle_ms["p99"] else None,
         "concurrent_search": {"task": BUSY_TASK, **info},
         "server_overrides": overrides,
     }
 
 
+def run(args: argparse.Namespace) -> dict:
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = sorted(set(policies) - POLICIES.keys())
+    if unknown or not policies:
+        raise SystemExit(f"--policies: unknown {unknown or policies}; choose from {sorted(POLICIES)}")
+    import jax  # pylint: disable=import-outside-toplevel  (the server's device, for the record)
+
+    results = {"benchmark": "predict_latency", "task": TASK, "batch": args.batch,
+               "device": jax.devices()[0].device_kind, "policies": {}}
+    for policy in policies:
+        results["policies"][policy] = run_policy(args, policy)
+    if {"priority", "none"} <= results["policies"].keys():
+        with_, without = results["policies"]["priority"], results["policies"]["none"]
+        results["search_p99_priority_over_none"] = round(with_["search_ms"]["p99"] / without["search_ms"]["p99"], 3)
+        rates = (with_["concurrent_search"]["train_examples_per_second"],
+                 without["concurrent_search"]["train_examples_per_second"])
+        results["train_rate_priority_over_none"] = round(rates[0] / rates[1], 3) if all(rates) else None
+    return results
+
+
 def print_table(results: dict) -> None:
-    print(f"Predict latency, task {results['task']}, batch {results['batch']} "
-          f"(ms; search = while {results['concurrent_search']['task']} trains)")
-    idle, busy = results["idle_ms"], results["search_ms"]
-    print(f"{'':>8} {'idle':>10} {'search':>10} {'x':>6}")
-    for name, _ in QUANTILES:
-        ratio = busy[name] / idle[name] if idle[name] else float("nan")
-        print(f"{name:>8} {idle[name]:>10.2f} {busy[name]:>10.2f} {ratio:>6.2f}")
-    print(f"{'samples':>8} {idle['samples']:>10} {busy['samples']:>10}")
+    print(f"Predict latency, task {results['task']}, batch {results['batch']}, device {results['device']} "
+          f"(ms; search = while {BUSY_TASK} trains)")
+    for policy, result in results["policies"].items():
+        idle, busy = result["idle_ms"], result["search_ms"]
+        rate = result["concurrent_search"]["train_examples_per_second"]
+        print(f"policy {policy} (--serving-max-yield-ms {result['serving_max_yield_ms']:g}); "
+              f"the search trained at {rate} examples/s under this load")
+        print(f"{'':>8} {'idle':>10} {'search':>10} {'x':>6}")
+        for name, _ in QUANTILES:
+            ratio = busy[name] / idle[name] if idle[name] else float("nan")
+            print(f"{name:>8} {idle[name]:>10.2f} {busy[name]:>10.2f} {ratio:>6.2f}")
+        print(f"{'samples':>8} {idle['samples']:>10} {busy['samples']:>10}")
+    if "search_p99_priority_over_none" in results:
+        print(f"p99 during the search, priority / none: {results['search_p99_priority_over_none']}; "
+              f"training rate, priority / none: {results['train_rate_priority_over_none']}")
 
 
 def main(argv: list[str] | None = None) -> int:

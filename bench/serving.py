@@ -35,7 +35,8 @@ FAST_SEARCH = ("generations=1", "train_rounds=1", "examples_per_round=256")
 
 @contextlib.contextmanager
 def running_server(
-    state_dir: str | None, overrides: Sequence[str], *, startup_timeout: float = 300.0
+    state_dir: str | None, overrides: Sequence[str], *, startup_timeout: float = 300.0,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[tuple[ServerProcess, object]]:
     """A SERVING server and a connected EvolveClient; stops both on exit."""
     from service.client import EvolveClient  # pylint: disable=import-outside-toplevel
@@ -46,7 +47,7 @@ def running_server(
             state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="evolve-bench-"))
         os.makedirs(state_dir, exist_ok=True)
         started = time.monotonic()
-        server = ServerProcess(state_dir, overrides=overrides)
+        server = ServerProcess(state_dir, overrides=overrides, extra_args=extra_args)
         server.start()
         stack.callback(server.stop)
         server.wait_port(startup_timeout)

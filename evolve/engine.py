@@ -45,6 +45,7 @@ from evolve.search.budget import EXTENSION, GENERALIZATION, SearchPlan, search_p
 from evolve.search.iteration import TaskIteration, structure_of
 from evolve.system import System, TaskRecord, TaskStatus
 from evolve.train import loop, steps
+from evolve.train.priority import ServingPriority
 from evolve.types import ROOT_TASK, Component, ParentProbe, Path, PathStructure, TaskSpec, validate_task_name
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class EngineOptions:
     # Warm-up (see Engine.warm_up): every predict bucket up to this batch size
     # (0: none), and every bucket a client has used, is compiled before a path serves.
     warm_up_batch: int = 1
+    # Predict before training (train.priority): a search's next step waits while
+    # a Predict is in flight, at most this long per step (0: never waits).
+    serving_max_yield_seconds: float = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +211,8 @@ class Engine:
         self._store = checkpoint_store or (checkpoint.Store(state_dir) if state_dir else None)
         self.devices = list(devices or jax.local_devices())
         self.options = options
+        self.priority = ServingPriority(max_wait_seconds=options.serving_max_yield_seconds,
+                                        enabled=options.serving_max_yield_seconds > 0)
         steps.set_compiled_bounds(training=options.max_compiled_structures, serving=options.max_compiled_predicts)
         self._on_event = on_event
         self._lock = threading.RLock()
@@ -485,7 +491,7 @@ class Engine:
     ) -> Path:
         iteration = TaskIteration(
             self.system, _PublishingLock(self, task), task, data, self.search_plan(task, kind),
-            seed=seed, devices=self.devices, emit=emit, cancel=cancel,
+            seed=seed, devices=self.devices, emit=emit, cancel=cancel, priority=self.priority,
         )
         population = iteration.run()
         if iteration.probes:
@@ -640,13 +646,14 @@ class Engine:
                     raise FailedPreconditionError("TASK_DAMAGED", f"task {task!r} is damaged: {record.message}")
             raise FailedPreconditionError("TASK_NOT_READY", f"task {task!r} has no trained path yet")
         batch = _as_uint8_images(images, self.options.max_predict_batch, self.options.data_limits.max_image_side)
-        inputs = preprocess_eval(batch, served.structure.image_size)
-        bucket = _bucket(len(inputs))
-        self._used_buckets.add(bucket)  # warmed at the next restart or new path
-        padded = np.zeros((bucket,) + inputs.shape[1:], np.float32)
-        padded[: len(inputs)] = inputs
-        probabilities = self._run_predict(served, padded)
-        return Prediction(task, served.version, np.asarray(probabilities)[: len(inputs)], served.class_names)
+        with self.priority.serving():  # a running search waits between its steps
+            inputs = preprocess_eval(batch, served.structure.image_size)
+            bucket = _bucket(len(inputs))
+            self._used_buckets.add(bucket)  # warmed at the next restart or new path
+            padded = np.zeros((bucket,) + inputs.shape[1:], np.float32)
+            padded[: len(inputs)] = inputs
+            probabilities = np.asarray(self._run_predict(served, padded))
+        return Prediction(task, served.version, probabilities[: len(inputs)], served.class_names)
 
     # ---- checkpoints and inspection -----------------------------------------
 

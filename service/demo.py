@@ -52,7 +52,7 @@ class ServerProcess:
     """
 
     def __init__(self, state_dir: str | os.PathLike, *, port: int = 0, overrides: Sequence[str] = (),
-                 token: str | None = None, host: str = "127.0.0.1"):
+                 token: str | None = None, host: str = "127.0.0.1", extra_args: Sequence[str] = ()):
         self.state_dir = Path(state_dir)
         self.host = host
         self.port = port
@@ -63,6 +63,7 @@ class ServerProcess:
                         "--port-file", str(self.port_file), "--state-dir", str(self.state_dir)]
         for override in overrides:
             self.command += ["--set", override]
+        self.command += list(extra_args)
         self.process: subprocess.Popen | None = None
 
     @property

@@ -60,6 +60,7 @@ class ServerOptions:
     compilation_cache_mb: int = 2048  # least recently used entries are evicted beyond it; 0: no bound
     max_compiled_steps: int = 64  # compiled train + eval steps kept in memory (least recently used evicted)
     max_compiled_predicts: int = 256  # compiled predict programs kept in memory (least recently used evicted)
+    serving_max_yield_ms: float = 50.0  # a search waits at most this long per step for Predict calls; 0: never
     port_file: str | None = None
     log_level: str = "INFO"
     startup_delay_seconds: float = 0.0  # for tests of the NOT_SERVING phase
@@ -155,6 +156,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=int(_env("MAX_COMPILED_PREDICTS", defaults.max_compiled_predicts)),
         help="compiled predict programs (one per served structure and batch bucket) kept in memory, the least "
              "recently used evicted beyond it [EVOLVE_MAX_COMPILED_PREDICTS, %(default)s]")
+    add("--serving-max-yield-ms", type=float,
+        default=float(_env("SERVING_MAX_YIELD_MS", defaults.serving_max_yield_ms)),
+        help="Predict before training: while a Predict call is in flight, a running search waits before its "
+             "next step, at most this long per step (so it slows under constant traffic, never stops); 0: "
+             "searches never wait [EVOLVE_SERVING_MAX_YIELD_MS, %(default)s]")
     add("--port-file", default=_env("PORT_FILE"),
         help="write the bound port to this file once listening (for supervisors and tests)")
     add("--log-level", default=_env("LOG_LEVEL", defaults.log_level), help="[EVOLVE_LOG_LEVEL, %(default)s]")
@@ -241,7 +247,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         workers=args.workers, compilation_cache_dir=args.compilation_cache_dir,
         compilation_cache_mb=args.compilation_cache_mb, port_file=args.port_file,
         max_compiled_steps=args.max_compiled_steps, max_compiled_predicts=args.max_compiled_predicts,
-        log_level=args.log_level, startup_delay_seconds=args.startup_delay_seconds, min_free_mb=args.min_free_mb,
+        serving_max_yield_ms=args.serving_max_yield_ms, log_level=args.log_level,
+        startup_delay_seconds=args.startup_delay_seconds, min_free_mb=args.min_free_mb,
         max_waits_per_client=args.max_waits_per_client, max_data_mb=args.max_data_mb,
         allow_download=bool(args.allow_download),
         metrics_port=args.metrics_port, metrics_host=args.metrics_host or "",
@@ -269,6 +276,8 @@ def validate_options(options: ServerOptions) -> None:
         raise ValueError("--max-waits-per-client must not be negative")
     if options.min_free_mb < 0:
         raise ValueError("--min-free-mb must not be negative")
+    if not options.serving_max_yield_ms >= 0:
+        raise ValueError("--serving-max-yield-ms must not be negative")
     if options.compilation_cache_mb < 0:
         raise ValueError("--compilation-cache-mb must not be negative")
     if options.devices < 0:
@@ -637,6 +646,7 @@ def load_backend(options: ServerOptions):
         data_roots=options.data_roots, max_predict_batch=options.max_batch,
         max_train_examples=options.max_train_examples, seed=options.seed, min_free_bytes=options.min_free_mb << 20,
         max_compiled_structures=options.max_compiled_steps, max_compiled_predicts=options.max_compiled_predicts,
+        serving_max_yield_seconds=options.serving_max_yield_ms / 1000.0,
         data_limits=DataLimits(max_decompressed_bytes=options.max_data_mb << 20, allow_download=options.allow_download),
     )
     engine = Engine.restore(state_dir, devices=devices, options=engine_options)

@@ -30,6 +30,7 @@ from evolve.search import mutation, probe, scoring, selection
 from evolve.search.budget import EXTENSION, SearchPlan
 from evolve.system import System
 from evolve.train import loop
+from evolve.train.priority import NO_PRIORITY, ServingPriority
 from evolve.types import Component, Path, PathStructure, adapter_index, count_params
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class TaskIteration:
         emit: EventCallback,
         cancel: threading.Event | None = None,
         progress_seconds: float = PROGRESS_SECONDS,
+        priority: ServingPriority = NO_PRIORITY,
     ):
         self.system = system
         self.lock = lock
@@ -145,6 +147,7 @@ class TaskIteration:
         self.emit = emit
         self.cancel = cancel
         self.progress_seconds = progress_seconds
+        self.priority = priority
         self.probes: list[probe.ParentProbe] = []
 
     # ---- the loop ------------------------------------------------------
@@ -179,7 +182,7 @@ class TaskIteration:
             results = loop.train_candidates(
                 [p.plan for p in planned], self.data, self._train_settings(), data_hparams,
                 seed=int(rng.integers(2**31)), devices=self.devices, cancel=self.cancel,
-                on_step=self._progress_reporter(generation, len(planned)),
+                on_step=self._progress_reporter(generation, len(planned)), priority=self.priority,
             )
             self._check_cancel()
             with self.lock:

@@ -22,6 +22,7 @@ import numpy as np
 from evolve.data import ImageSet, TaskData, batch_iterator, preprocess_eval, preprocess_train
 from evolve.errors import CancelledError
 from evolve.train import optimizer, steps
+from evolve.train.priority import NO_PRIORITY, ServingPriority
 from evolve.types import HyperValue, Params, PathStructure
 
 logger = logging.getLogger(__name__)
@@ -243,11 +244,12 @@ class _CandidateState:
         self.compile_seconds = 0.0
         self.started = time.perf_counter()
 
-    def step(self, step_index: int, images: np.ndarray, labels: np.ndarray) -> None:
+    def step(self, step_index: int, images: np.ndarray, labels: np.ndarray) -> jax.Array:
+        """Dispatches one training step; returns its loss (not waited on)."""
         traces_before = steps.TRACE_COUNTS["train_step"]
         started = time.perf_counter()
         images, labels = jax.device_put((images, labels), self.device)
-        self.trainable, self.opt_state, _ = steps.train_step(
+        self.trainable, self.opt_state, loss = steps.train_step(
             self.trainable,
             self.frozen,
             self.opt_state,
@@ -261,6 +263,7 @@ class _CandidateState:
         self.steps += 1
         if steps.TRACE_COUNTS["train_step"] != traces_before:
             self.compile_seconds += time.perf_counter() - started
+        return loss
 
     def dispatch_validation(self, images: np.ndarray, labels: np.ndarray, eval_batch_size: int) -> list[jax.Array]:
         """Dispatches one validation; the eval step's compile, when this call
@@ -306,6 +309,7 @@ def train_candidates(
     devices: Sequence[jax.Device] | None = None,
     cancel: threading.Event | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
+    priority: ServingPriority = NO_PRIORITY,
 ) -> list[TrainResult]:
     """Trains every plan for settings.rounds rounds, validating after each;
     with successive halving (`settings.halving_round`) the better half by
@@ -314,7 +318,10 @@ def train_candidates(
     `on_step(steps done, total steps, examples)` is called after every step
     has been dispatched to every training candidate, with the examples all
     candidates have trained on so far (fewer per step once halving stopped
-    some); it must be cheap and never waits on a device."""
+    some); it must be cheap and never waits on a device.
+
+    At most two steps per candidate are in flight, and every step first
+    yields to Predict calls in flight (`priority`, see train.priority)."""
     devices = list(devices or jax.local_devices())
     steps_per_round = settings.steps_per_round
     halving_round, rounds = settings.halving(len(plans))
@@ -329,7 +336,7 @@ def train_candidates(
     validation = {size: preprocess_eval(data.validation.images, size) for size in image_sizes}
     with _Prefetched(batches, image_sizes, total_steps) as prefetched:
         _train_rounds(states, prefetched, validation, data.validation.labels, settings, rounds, halving_round,
-                      cancel, on_step)
+                      cancel, on_step, priority)
     return [state.result() for state in states]
 
 
@@ -343,18 +350,24 @@ def _train_rounds(
     halving_round: int,
     cancel: threading.Event | None,
     on_step: Callable[[int, int, int], None] | None,
+    priority: ServingPriority = NO_PRIORITY,
 ) -> None:
     steps_per_round = settings.steps_per_round
     total_steps = steps_per_round * rounds
     step_index = examples = 0
     active = list(states)
     for round_index in range(rounds):
+        in_flight: list[jax.Array] = []
         for _ in range(steps_per_round):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("search cancelled")
             by_size, labels = prefetched.next()
-            for state in active:  # dispatch all candidates before waiting on any
-                state.step(step_index, by_size[state.plan.structure.image_size], labels)
+            priority.yield_to_serving()
+            # Dispatch all candidates before waiting on any; then wait on the
+            # previous step, so at most two steps per candidate are queued.
+            losses = [state.step(step_index, by_size[state.plan.structure.image_size], labels) for state in active]
+            jax.block_until_ready(in_flight)
+            in_flight = losses
             step_index += 1
             examples += settings.batch_size * len(active)
             if on_step is not None:
