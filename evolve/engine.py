@@ -10,6 +10,7 @@ an immutable view that each mutation republishes (see `_ReadView`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -82,6 +83,7 @@ class ServedModel:
     structure: PathStructure
     params: Mapping[str, Any]
     class_names: tuple[str, ...]
+    components: tuple[tuple[str, str], ...] = ()  # (id, content hash) of each component, forward order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +220,10 @@ class Engine:
         self._lock = threading.RLock()
         self._data: dict[str, TaskData] = {}
         self._served: dict[str, ServedModel] = {}
+        # Served components on the device, by (id, content hash): a component
+        # that many served paths share (the root's, a frozen body) is there once.
+        self._on_device: dict[tuple[str, str], Any] = {}
+        self._device_users: collections.Counter[tuple[str, str]] = collections.Counter()  # served paths using each
         self._searches_run = 0
         self.checkpoint_step = checkpoint_step
         # Caller state saved with every checkpoint (the service's operations).
@@ -347,7 +353,7 @@ class Engine:
                 raise
             finally:
                 self._publish(affected, sharing=True)  # after the commit (or the undo)
-            self._served.pop(name, None)
+            self._stop_serving(self._served.pop(name, None))
             self._data.pop(name, None)
         logger.info("task %s deleted (%d components collected)", name, len(dropped))
 
@@ -557,16 +563,37 @@ class Engine:
         device (from the warm-up), taken with the version it got since."""
         path = self.system.best_path(task)
         if warmed is not None and warmed.path_id == path.id:
-            self._served[task] = dataclasses.replace(warmed, version=path.version)
+            served = dataclasses.replace(warmed, version=path.version)
         else:
-            self._served[task] = self._served_model(task, path)
+            served = self._served_model(task, path)
+        self._device_users.update(served.components)
+        self._stop_serving(self._served.get(task))
+        self._served[task] = served
+
+    def _stop_serving(self, served: ServedModel | None) -> None:
+        """Forgets the device copies only `served` used (the model keeps its own
+        references while a call runs it, so nothing in use is freed)."""
+        if served is None:
+            return
+        self._device_users.subtract(served.components)
+        for key in served.components:
+            if self._device_users[key] <= 0:
+                del self._device_users[key]
+                self._on_device.pop(key, None)
 
     def _served_model(self, task: str, path: Path) -> ServedModel:
+        """A path on the serving device; its components already there (served
+        by another path) are not uploaded again."""
         structure = self._structure(task, path)
-        params = jax.device_put(
-            {name: self.system.components[cid].params for name, cid in path.components.items()}, self.devices[0]
-        )
-        return ServedModel(path.id, path.version, structure, params, self.system.tasks[task].class_names)
+        keys = tuple((cid, self.system.components[cid].content_hash) for cid in path.components.values())
+        params = {name: self._component_on_device(key) for name, key in zip(path.components, keys)}
+        return ServedModel(path.id, path.version, structure, params, self.system.tasks[task].class_names, keys)
+
+    def _component_on_device(self, key: tuple[str, str]) -> Any:
+        params = self._on_device.get(key)
+        if params is None:
+            params = self._on_device[key] = jax.device_put(self.system.components[key[0]].params, self.devices[0])
+        return params
 
     def warm_buckets(self) -> tuple[int, ...]:
         """The predict batch buckets a warm-up compiles: every one up to

@@ -4,6 +4,8 @@ fall back to the previous step), retention, and file GC."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import numpy as np
@@ -51,6 +53,14 @@ def test_roundtrip_restores_everything(trained):
     path = engine.system.best_path("digits")
     assert restored.paths[path.id].hparams == path.hparams  # learned mu values included
     assert restored.config == engine.system.config
+    assert restored.paths == engine.system.paths  # every field of every path
+
+
+def test_a_path_record_is_what_asdict_would_store(trained):
+    engine, _ = trained
+    for path in engine.system.paths.values():
+        assert json.loads(json.dumps(checkpoint.path_record(path))) == json.loads(
+            json.dumps(dataclasses.asdict(path)))
 
 
 def _damage(path: str) -> None:
