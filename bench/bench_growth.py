@@ -22,8 +22,15 @@ bar is <= 1.5x at N = 1,000 for a save per task, GetTask, a page and Predict.
 Restore is expected to grow with the components it loads, and is printed per
 component too. The last line is one JSON object.
 
+With --server-tasks K it instead runs a real server (`python -m
+service.server`, a fast search configuration) and submits K small tasks one
+after another (the bundled digits data under K names, each searched for
+real), recording the server's RSS after each; it prints the RSS after the
+first five (warm-up) and at the end, and their ratio.
+
     python bench/bench_growth.py --quick          # minutes on 2 cores
     python bench/bench_growth.py                  # N up to 1,000
+    python bench/bench_growth.py --server-tasks 50
 """
 
 from __future__ import annotations
@@ -169,6 +176,34 @@ def measure(num_tasks: int, root: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def server_memory(tasks: int, server_args: list[str]) -> dict:
+    """RSS of a real server over `tasks` small searches in sequence."""
+    import serving  # pylint: disable=import-outside-toplevel
+
+    from evolve import types  # pylint: disable=import-outside-toplevel
+
+    def server_rss_mb(pid: int) -> float:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+        return float("nan")
+
+    rss, seconds = [], []
+    with serving.running_server(None, serving.FAST_SEARCH, extra_args=server_args) as (server, client):
+        pid = server.process.pid
+        start = server_rss_mb(pid)
+        for i in range(tasks):
+            spec = types.TaskSpec(name=f"digits_{i:03d}", source=types.BundledSource(name="digits"))
+            seconds.append(serving.run_task(client, spec))
+            rss.append(server_rss_mb(pid))
+            logger.info("task %d/%d: %.1f s, server RSS %.0f MB", i + 1, tasks, seconds[-1], rss[-1])
+    warm = rss[min(4, len(rss) - 1)]
+    return {"bench": "growth_server_memory", "tasks": tasks, "rss_start_mb": start, "rss_mb": rss,
+            "server_args": server_args, "search_seconds": seconds, "rss_after_5_mb": warm, "rss_end_mb": rss[-1],
+            "end_over_after_5": rss[-1] / warm, "mb_per_task_after_5": (rss[-1] - warm) / max(len(rss) - 5, 1)}
+
+
 def print_table(results: list[dict], device: str) -> None:
     base = results[0]
     print(f"device: {device}, {os.cpu_count()} CPUs; ratios against N = {base['tasks']}")
@@ -193,6 +228,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="N = 10 30 100 (minutes on 2 cores)")
     parser.add_argument("--saves", type=int, default=3, help="one-more-task saves measured per N")
     parser.add_argument("--reads", type=int, default=300, help="calls timed per read kind and Predict")
+    parser.add_argument("--server-tasks", type=int, default=0,
+                        help="instead: a real server's RSS over this many small searches in sequence")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="with --server-tasks: one more server argument, e.g. --server-arg=--max-compiled-steps=8")
     parser.add_argument("--phase", choices=("build", "serve"), help=argparse.SUPPRESS)
     parser.add_argument("--state-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -205,6 +244,13 @@ def main(argv=None) -> int:
         else:
             result = serve(args.state_dir, args.reads, args.tasks[0])
         print(json.dumps(result))
+        return 0
+    if args.server_tasks:
+        result = server_memory(args.server_tasks, args.server_arg)
+        print(f"server RSS: {result['rss_start_mb']:.0f} MB at start, {result['rss_after_5_mb']:.0f} MB after 5 "
+              f"tasks, {result['rss_end_mb']:.0f} MB after {result['tasks']}: {result['end_over_after_5']:.2f}x, "
+              f"{result['mb_per_task_after_5']:.2f} MB a task after the fifth")
+        print(json.dumps(result, sort_keys=True))
         return 0
     sizes = args.tasks or ([10, 30, 100] if args.quick else [10, 100, 1000])
     results = []

@@ -60,7 +60,10 @@ def forward_flops(structure: PathStructure) -> float:
     params = jax.tree.map(abstract, abstract_params(structure))
     side = structure.image_size
     images = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32, sharding=sharding)
-    compiled = jax.jit(vit.forward, static_argnums=2).lower(params, images, structure).compile()
+    # A function of its own, not vit.forward: jax's trace and lowering caches are
+    # keyed on the function, and would keep every structure's program alive.
+    forward = functools.partial(vit.forward)
+    compiled = jax.jit(forward, static_argnums=2).lower(params, images, structure).compile()
     flops = _flops_of(compiled.cost_analysis())
     if flops is None:
         fallback = analytic_flops(structure)

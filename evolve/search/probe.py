@@ -10,7 +10,6 @@ best-probing paths; from then on the 0.5^k walk of §3.1 applies.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any, Mapping, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from evolve.data import preprocess_eval
 from evolve.models import vit
+from evolve.train import steps
 from evolve.types import ParentProbe, Params, PathStructure
 
 # Ridge strengths tried per path, relative to the mean feature energy; the
@@ -36,7 +36,8 @@ class ProbeTarget:
     params: Mapping[str, Params]  # the body's components (no head needed)
 
 
-@functools.partial(jax.jit, static_argnames=("structure",))
+# Bounded like the train steps (each served structure compiles its own).
+@steps.bounded_jit(steps.TRAINING, static_argnames=("structure",), tree_argnums=(0,), images_argnum=1)
 def _features(params: Mapping[str, Params], images: jax.Array, *, structure: PathStructure) -> jax.Array:
     return vit.encode(params, images, structure)
 
