@@ -73,8 +73,9 @@ def _manifest_bytes(state_dir: str, step: int) -> int:
     return total
 
 
-def measure(num_tasks: int, saves: int, root: str) -> dict:
-    state_dir = os.path.join(root, f"n{num_tasks}")
+def synthetic_system(num_tasks: int, state_dir: str) -> tuple[Engine, np.random.Generator, float]:
+    """An engine of `num_tasks` synthetic tasks, saved, with retention at its
+    steady state; the generator for more tasks, and the first save's seconds."""
     engine = Engine.create(get_config("tiny"), state_dir=state_dir)
     rng = np.random.default_rng(num_tasks)
     for i in range(num_tasks):
@@ -83,8 +84,14 @@ def measure(num_tasks: int, saves: int, root: str) -> dict:
     started = time.perf_counter()
     engine.save()
     first = time.perf_counter() - started
-    for _ in range(checkpoint.KEEP_MANIFESTS):  # retention at its steady state
+    for _ in range(checkpoint.KEEP_MANIFESTS):
         engine.save()
+    return engine, rng, first
+
+
+def measure(num_tasks: int, saves: int, root: str) -> dict:
+    state_dir = os.path.join(root, f"n{num_tasks}")
+    engine, rng, first = synthetic_system(num_tasks, state_dir)
     timings: dict[str, list[float]] = {"store": [], "rescan": []}
     for i in range(saves):
         for way in ("store", "rescan"):

@@ -74,23 +74,9 @@ def _tree_bytes(directory: str) -> int:
 
 def build(num_tasks: int, state_dir: str, saves: int) -> dict:
     """Phase 1, in its own process: the system and the cost of one more task's save."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from bench_checkpoint import add_synthetic_task  # pylint: disable=import-outside-toplevel
+    from bench_checkpoint import add_synthetic_task, synthetic_system  # pylint: disable=import-outside-toplevel
 
-    from evolve import checkpoint  # pylint: disable=import-outside-toplevel
-    from evolve.config import get_config  # pylint: disable=import-outside-toplevel
-    from evolve.engine import Engine  # pylint: disable=import-outside-toplevel
-
-    engine = Engine.create(get_config("tiny"), state_dir=state_dir)
-    rng = np.random.default_rng(num_tasks)
-    for i in range(num_tasks):
-        add_synthetic_task(engine, f"t{i:05d}", rng)
-    engine.refresh_views()  # built by hand, not through the engine
-    started = time.perf_counter()
-    engine.save()
-    first = time.perf_counter() - started
-    for _ in range(checkpoint.KEEP_MANIFESTS):  # retention at its steady state
-        engine.save()
+    engine, rng, first = synthetic_system(num_tasks, state_dir)
     seconds, written = [], []
     components = os.path.join(state_dir, "components")
     for i in range(saves):
