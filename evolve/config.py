@@ -11,6 +11,14 @@ from typing import Mapping
 
 from evolve.types import HyperValue, ViTSize
 
+# Compiled executables a process keeps in memory by default, the least
+# recently used evicted beyond (train.steps; the engine's and the server's
+# options). A tiny model's train step holds several MB of native heap on CPU:
+# a server's RSS levelled off over 25 sequential tasks with 16 train + eval
+# executables, and grew by 20+ MB a task with 64 (bench/RESULTS.md).
+TRAINING_EXECUTABLES = 16
+SERVING_EXECUTABLES = 256
+
 VIT_SIZES: dict[str, ViTSize] = {
     # A CPU size for tests and the demo: patch 4 on 16x16 images.
     "tiny": ViTSize("tiny", patch_size=4, hidden_size=64, num_layers=3, num_heads=4, mlp_dim=128),

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from evolve import checkpoint, statedir
-from evolve.config import SearchConfig
+from evolve.config import SERVING_EXECUTABLES, TRAINING_EXECUTABLES, SearchConfig
 from evolve.data import DataLimits, TaskData, check_task_source, load_task_data, preprocess_eval
 from evolve.data.arrays import ValidationSplit
 from evolve.errors import (
@@ -62,8 +62,8 @@ class EngineOptions:
     # Compiled executables kept, least recently used evicted first (steps.set_compiled_bounds):
     # train + eval steps (at least twice the candidates a generation trains at once, or its
     # steps evict each other), and predict (one per served structure and batch bucket).
-    max_compiled_structures: int = 64
-    max_compiled_predicts: int = 256
+    max_compiled_structures: int = TRAINING_EXECUTABLES
+    max_compiled_predicts: int = SERVING_EXECUTABLES
     min_free_bytes: int = 256 << 20  # new work is refused while the state disk has less free
     data_limits: DataLimits = DataLimits()  # what loading a task's data may cost
     # Warm-up (see Engine.warm_up): every predict bucket up to this batch size

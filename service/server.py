@@ -23,6 +23,8 @@ import threading
 from concurrent import futures
 from typing import Any, Mapping, Sequence
 
+from evolve.config import SERVING_EXECUTABLES, TRAINING_EXECUTABLES
+
 logger = logging.getLogger("service.server")
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
@@ -58,8 +60,9 @@ class ServerOptions:
     workers: int = 32
     compilation_cache_dir: str | None = None  # None: <state_dir>/xla_cache; "": off
     compilation_cache_mb: int = 2048  # least recently used entries are evicted beyond it; 0: no bound
-    max_compiled_steps: int = 64  # compiled train + eval steps kept in memory (least recently used evicted)
-    max_compiled_predicts: int = 256  # compiled predict programs kept in memory (least recently used evicted)
+    # Compiled executables kept in memory, least recently used evicted: train + eval steps, predict.
+    max_compiled_steps: int = TRAINING_EXECUTABLES
+    max_compiled_predicts: int = SERVING_EXECUTABLES
     serving_max_yield_ms: float = 50.0  # a search waits at most this long per step for Predict calls; 0: never
     port_file: str | None = None
     log_level: str = "INFO"

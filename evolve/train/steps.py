@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from evolve.config import SERVING_EXECUTABLES, TRAINING_EXECUTABLES
 from evolve.models import vit
 from evolve.train import optimizer
 from evolve.types import Params, PathStructure
@@ -102,8 +103,8 @@ def _checked_bound(name: str, max_entries: int) -> int:
     return int(max_entries)
 
 
-TRAINING = CompiledCache("training", 64)
-SERVING = CompiledCache("serving", 256)
+TRAINING = CompiledCache("training", TRAINING_EXECUTABLES)
+SERVING = CompiledCache("serving", SERVING_EXECUTABLES)
 
 
 def set_compiled_bounds(*, training: int | None = None, serving: int | None = None) -> None:
