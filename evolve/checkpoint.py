@@ -30,6 +30,7 @@ replaced, never taken for the new component.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -43,7 +44,9 @@ from evolve.config import SearchConfig
 from evolve import statedir
 from evolve.errors import CorruptCheckpointError, StorageError
 from evolve.system import DamagedComponent, System, TaskRecord, TaskStatus
-from evolve.types import Component, ParentProbe, Path, ViTSize, params_hash, spec_from_dict, spec_to_dict
+from evolve.types import (
+    Component, ParentProbe, Path, TaskSpec, ViTSize, params_hash, spec_from_dict, spec_to_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +156,13 @@ def path_record(path: Path) -> dict[str, Any]:
     return record
 
 
+@functools.lru_cache(maxsize=8192)
+def _spec_record(spec: TaskSpec) -> dict[str, Any]:
+    """`spec_to_dict` of a (frozen, hashable) spec, made once per spec: a save
+    stores every task's spec. Callers must not change the dict."""
+    return spec_to_dict(spec)
+
+
 def _manifest(system: System, extra: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
@@ -176,7 +186,7 @@ def _manifest(system: System, extra: Mapping[str, Any]) -> dict[str, Any]:
         "populations": {t: list(ids) for t, ids in system.populations.items()},
         "tasks": {
             name: {
-                "spec": spec_to_dict(r.spec), "status": r.status.value, "num_classes": r.num_classes,
+                "spec": _spec_record(r.spec), "status": r.status.value, "num_classes": r.num_classes,
                 "class_names": list(r.class_names), "message": r.message,
                 "probes": [dataclasses.asdict(p) for p in r.probes],
                 "examples": list(r.examples) if r.examples else None,
