@@ -18,6 +18,9 @@ from evolve.types import HyperValue, ViTSize
 # executables, and grew by 20+ MB a task with 64 (bench/RESULTS.md).
 TRAINING_EXECUTABLES = 16
 SERVING_EXECUTABLES = 256
+# Predict before training (train.priority): a search's next step waits while a
+# Predict call is in flight, at most this long per step (0: never waits).
+SERVING_MAX_YIELD_SECONDS = 0.05
 
 VIT_SIZES: dict[str, ViTSize] = {
     # A CPU size for tests and the demo: patch 4 on 16x16 images.

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from evolve import checkpoint, statedir
-from evolve.config import SERVING_EXECUTABLES, TRAINING_EXECUTABLES, SearchConfig
+from evolve.config import SERVING_EXECUTABLES, SERVING_MAX_YIELD_SECONDS, TRAINING_EXECUTABLES, SearchConfig
 from evolve.data import DataLimits, TaskData, check_task_source, load_task_data, preprocess_eval
 from evolve.data.arrays import ValidationSplit
 from evolve.errors import (
@@ -69,9 +69,7 @@ class EngineOptions:
     # Warm-up (see Engine.warm_up): every predict bucket up to this batch size
     # (0: none), and every bucket a client has used, is compiled before a path serves.
     warm_up_batch: int = 1
-    # Predict before training (train.priority): a search's next step waits while
-    # a Predict is in flight, at most this long per step (0: never waits).
-    serving_max_yield_seconds: float = 0.05
+    serving_max_yield_seconds: float = SERVING_MAX_YIELD_SECONDS  # Predict before training (train.priority)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +211,7 @@ class Engine:
         self._store = checkpoint_store or (checkpoint.Store(state_dir) if state_dir else None)
         self.devices = list(devices or jax.local_devices())
         self.options = options
-        self.priority = ServingPriority(max_wait_seconds=options.serving_max_yield_seconds,
-                                        enabled=options.serving_max_yield_seconds > 0)
+        self.priority = ServingPriority(max_wait_seconds=options.serving_max_yield_seconds)
         steps.set_compiled_bounds(training=options.max_compiled_structures, serving=options.max_compiled_predicts)
         self._on_event = on_event
         self._lock = threading.RLock()
@@ -566,6 +563,8 @@ class Engine:
             served = dataclasses.replace(warmed, version=path.version)
         else:
             served = self._served_model(task, path)
+        for key, params in zip(served.components, served.params.values()):
+            self._on_device.setdefault(key, params)  # shared from now on
         self._device_users.update(served.components)
         self._stop_serving(self._served.get(task))
         self._served[task] = served
@@ -583,7 +582,8 @@ class Engine:
 
     def _served_model(self, task: str, path: Path) -> ServedModel:
         """A path on the serving device; its components already there (served
-        by another path) are not uploaded again."""
+        by another path) are not uploaded again. New copies are shared once
+        `_serve` serves the model (a warmed model never served leaves none)."""
         structure = self._structure(task, path)
         keys = tuple((cid, self.system.components[cid].content_hash) for cid in path.components.values())
         params = {name: self._component_on_device(key) for name, key in zip(path.components, keys)}
@@ -592,7 +592,7 @@ class Engine:
     def _component_on_device(self, key: tuple[str, str]) -> Any:
         params = self._on_device.get(key)
         if params is None:
-            params = self._on_device[key] = jax.device_put(self.system.components[key[0]].params, self.devices[0])
+            params = jax.device_put(self.system.components[key[0]].params, self.devices[0])
         return params
 
     def warm_buckets(self) -> tuple[int, ...]:

@@ -23,7 +23,7 @@ import threading
 from concurrent import futures
 from typing import Any, Mapping, Sequence
 
-from evolve.config import SERVING_EXECUTABLES, TRAINING_EXECUTABLES
+from evolve.config import SERVING_EXECUTABLES, SERVING_MAX_YIELD_SECONDS, TRAINING_EXECUTABLES
 
 logger = logging.getLogger("service.server")
 
@@ -63,7 +63,7 @@ class ServerOptions:
     # Compiled executables kept in memory, least recently used evicted: train + eval steps, predict.
     max_compiled_steps: int = TRAINING_EXECUTABLES
     max_compiled_predicts: int = SERVING_EXECUTABLES
-    serving_max_yield_ms: float = 50.0  # a search waits at most this long per step for Predict calls; 0: never
+    serving_max_yield_ms: float = SERVING_MAX_YIELD_SECONDS * 1000  # a search's wait per step for Predict; 0: none
     port_file: str | None = None
     log_level: str = "INFO"
     startup_delay_seconds: float = 0.0  # for tests of the NOT_SERVING phase

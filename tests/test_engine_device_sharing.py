@@ -44,6 +44,8 @@ def test_tasks_sharing_the_root_hold_one_device_copy_of_it(tmp_path):
         assert served["t0"].params[name] is served["t1"].params[name] is served["t2"].params[name]
     assert served["t0"].params["head"] is not served["t1"].params["head"]
     assert len(engine._on_device) == len(body) + 3
+    engine._served_model("t0", engine.system.best_path("t0"))  # as a warm-up does, never served
+    assert len(engine._on_device) == len(body) + 3
 
     # What it serves is what the stored parameters compute.
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)

@@ -24,21 +24,25 @@ import threading
 import time
 from typing import Iterator
 
+from evolve.config import SERVING_MAX_YIELD_SECONDS
+
 
 class ServingPriority:
     """Counts Predict calls in flight; training waits on it between steps."""
 
-    def __init__(self, quiet_seconds: float = 0.002, max_wait_seconds: float = 0.05, enabled: bool = True):
+    def __init__(self, quiet_seconds: float = 0.002, max_wait_seconds: float = SERVING_MAX_YIELD_SECONDS):
         if quiet_seconds < 0 or max_wait_seconds < 0:
             raise ValueError("quiet_seconds and max_wait_seconds must be >= 0")
         self.quiet_seconds = quiet_seconds
-        self.max_wait_seconds = max_wait_seconds
-        self.enabled = enabled
+        self.max_wait_seconds = max_wait_seconds  # 0: training never waits
         self._condition = threading.Condition()
         self._in_flight = 0
         self._last_end = -math.inf
-        self.yielded_seconds = 0.0  # training time given to serving so far
         self.yields = 0  # steps that waited
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_wait_seconds > 0
 
     @contextlib.contextmanager
     def serving(self) -> Iterator[None]:
@@ -74,10 +78,8 @@ class ServingPriority:
                 self._condition.wait(remaining)
             if not waited:
                 return 0.0
-            seconds = time.monotonic() - started
             self.yields += 1
-            self.yielded_seconds += seconds
-            return seconds
+            return time.monotonic() - started
 
 
-NO_PRIORITY = ServingPriority(enabled=False)
+NO_PRIORITY = ServingPriority(max_wait_seconds=0.0)

@@ -71,7 +71,7 @@ def test_training_waits_the_quiet_period_after_a_call_for_the_next_one():
 
 
 def test_disabled_priority_never_waits():
-    priority = ServingPriority(max_wait_seconds=10.0, enabled=False)
+    priority = ServingPriority(max_wait_seconds=0.0)
     thread = _hold_serving(priority, 0.5)
     assert priority.yield_to_serving() == 0.0
     thread.join()
