@@ -55,17 +55,20 @@ def is_learned_mu(key: str) -> bool:
     return key == GLOBAL_MU or key.startswith(GLOBAL_MU + "|")
 
 
+# Every data hyperparameter's value that turns its augmentation off: the one
+# place the defaults live (config, the host and device preprocessing, the loop).
+AUGMENTATION_OFF: Mapping[str, HyperValue] = {
+    "crop_area": 1.0,
+    "crop_aspect": 1.0,
+    "flip": False,
+    "brightness": 0.0,
+    "contrast": 0.0,
+    "saturation": 0.0,
+    "hue": 0.0,
+    "jpeg_quality": 0.0,
+}
 # Hyperparameters that feed the data pipeline; sampled once per generation.
-DATA_HPARAMS = (
-    "crop_area",
-    "crop_aspect",
-    "flip",
-    "brightness",
-    "contrast",
-    "saturation",
-    "hue",
-    "jpeg_quality",
-)
+DATA_HPARAMS = tuple(AUGMENTATION_OFF)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,14 +130,8 @@ class SearchConfig:
             "adapter_dim": self.default_adapter_dim,
             GLOBAL_MU: self.default_mu,
             # data augmentation, off by default
+            **AUGMENTATION_OFF,
             "crop_area": self.default_crop_area,
-            "crop_aspect": 1.0,
-            "flip": False,
-            "brightness": 0.0,
-            "contrast": 0.0,
-            "saturation": 0.0,
-            "hue": 0.0,
-            "jpeg_quality": 0.0,
         }
         return hparams
 

@@ -9,6 +9,10 @@ training preprocessing equals evaluation preprocessing exactly.
 Resizing is bilinear (a triangle filter, widened when shrinking so that
 downscaling is antialiased, like PIL's), separable and vectorised over the
 batch; a random crop and its resize are one resampling.
+
+This is the reference. Training and validation run the same computation on
+the device (evolve.data.preprocess_device), tested equal to it; serving, the
+probe and exported models use this one.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 from PIL import Image
 
+from evolve.config import AUGMENTATION_OFF
 from evolve.data.dataset import ImageSet
 
 # Images per chunk of the resize: bounds the float32 working memory at 224 px+.
@@ -107,7 +112,7 @@ def preprocess_eval(images: np.ndarray, image_size: int) -> np.ndarray:
 # ---- augmentation ------------------------------------------------------------
 
 
-def _jpeg_jitter(images: np.ndarray, delta: float, rng: np.random.Generator) -> np.ndarray:
+def jpeg_jitter(images: np.ndarray, delta: float, rng: np.random.Generator) -> np.ndarray:
     """Re-encodes each image as JPEG with a random quality in [100 (1 - delta), 100]."""
     low = int(min(100, max(1, round(100 * (1.0 - delta)))))
     qualities = rng.integers(low, 101, size=len(images))
@@ -179,18 +184,9 @@ def _colour_jitter(pixels: np.ndarray, hp: Mapping[str, float], rng: np.random.G
     return pixels
 
 
-def _augment_hparams(hparams: Mapping[str, Any]) -> dict[str, float]:
+def _augment_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """The data hyperparameters with their off-defaults filled in."""
-    return {
-        "crop_area": float(hparams.get("crop_area", 1.0)),
-        "crop_aspect": float(hparams.get("crop_aspect", 1.0)),
-        "flip": bool(hparams.get("flip", False)),
-        "jpeg_quality": float(hparams.get("jpeg_quality", 0.0)),
-        "brightness": float(hparams.get("brightness", 0.0)),
-        "contrast": float(hparams.get("contrast", 0.0)),
-        "saturation": float(hparams.get("saturation", 0.0)),
-        "hue": float(hparams.get("hue", 0.0)),
-    }
+    return {name: type(off)(hparams.get(name, off)) for name, off in AUGMENTATION_OFF.items()}
 
 
 def preprocess_train(
@@ -205,7 +201,7 @@ def preprocess_train(
     image_size = int(image_size)
     hp = _augment_hparams(hparams)
     if hp["jpeg_quality"] > 0:
-        images = _jpeg_jitter(images, hp["jpeg_quality"], rng)
+        images = jpeg_jitter(images, hp["jpeg_quality"], rng)
     if hp["crop_area"] < 1.0:
         pixels = _crop_resize(images, image_size, max(hp["crop_area"], 1e-3), hp["crop_aspect"], rng)
     else:

@@ -9,6 +9,7 @@ All candidates of a generation see the same input batches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import queue
@@ -17,9 +18,13 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from evolve.data import ImageSet, TaskData, batch_iterator, preprocess_eval, preprocess_train
+from evolve.config import AUGMENTATION_OFF
+from evolve.data import ImageSet, TaskData, batch_iterator, preprocess_device
+from evolve.data.preprocess import jpeg_jitter
+from evolve.data.preprocess_device import Augmentation
 from evolve.errors import CancelledError
 from evolve.train import optimizer, steps
 from evolve.train.priority import NO_PRIORITY, ServingPriority
@@ -84,53 +89,53 @@ def halving_rounds(rounds: int, halving_round: int, candidates: int) -> tuple[in
     return halving_round, halving_round + (rounds - halving_round) * candidates // kept
 
 
-_AUGMENTATION_OFF = {"crop_area": 1.0, "flip": False, "brightness": 0.0, "contrast": 0.0,
-                     "saturation": 0.0, "hue": 0.0, "jpeg_quality": 0.0}
-
-
-def augmentation_is_off(data_hparams: Mapping[str, HyperValue]) -> bool:
-    return all(data_hparams.get(k, off) == off for k, off in _AUGMENTATION_OFF.items())
+# How strictly the step loop guards against implicit host <-> device
+# transfers (jax.transfer_guard): "allow" in production; the tests run it at
+# "disallow", which proves that images, parameters and per-step values reach
+# the device only through the explicit uploads of the prefetch thread.
+STEP_LOOP_TRANSFER_GUARD = "allow"
 
 
 class _Batches:
-    """The generation's shared training batches, preprocessed per image size."""
+    """The generation's shared training batches, as the host makes them: uint8
+    images (JPEG-jittered here when asked: that needs a codec), labels, and
+    the raw key of the step's device augmentation."""
 
     def __init__(self, train: ImageSet, batch_size: int, data_hparams: Mapping[str, HyperValue], seed: int):
-        shuffle_seed, augment_seed = np.random.SeedSequence(seed).spawn(2)  # independent streams
+        # Independent streams for the shuffle, the JPEG jitter and the device keys.
+        shuffle_seed, jpeg_seed, key_seed = np.random.SeedSequence(seed).spawn(3)
         self._iterator = batch_iterator(train, batch_size, int(shuffle_seed.generate_state(1)[0]))
-        self._hparams = data_hparams
-        self._rng = np.random.default_rng(augment_seed)
-        self._static = augmentation_is_off(data_hparams)
+        self._jpeg_quality = float(data_hparams.get("jpeg_quality", AUGMENTATION_OFF["jpeg_quality"]))
+        self._jpeg_rng = np.random.default_rng(jpeg_seed)
+        self._key_rng = np.random.default_rng(key_seed)
 
-    def next(self, image_sizes: Sequence[int]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         images, labels = next(self._iterator)
-        by_size = {}
-        for size in image_sizes:
-            if self._static:
-                by_size[size] = preprocess_eval(images, size)
-            else:
-                by_size[size] = preprocess_train(images, size, self._hparams, self._rng)
-        return by_size, labels
+        if self._jpeg_quality > 0:
+            images = jpeg_jitter(images, self._jpeg_quality, self._jpeg_rng)
+        return images, labels, self._key_rng.integers(0, 2**32, (2,), dtype=np.uint32)
 
 
 class _Prefetched:
-    """Prepares the next `depth` training batches in a background thread while
-    the device runs the current step (the host's shuffle, gather and
-    preprocessing leave the critical path). Batches come in the order they
-    were made, so training is deterministic as without it."""
+    """Makes the next `depth` training batches in a background thread and
+    uploads them (uint8) to every device the candidates train on, while the
+    devices run the current step: the host's shuffle, gather and upload leave
+    the critical path. Batches come in the order they were made, so training
+    is deterministic as without it."""
 
-    def __init__(self, batches: _Batches, image_sizes: Sequence[int], count: int, depth: int = 2):
+    def __init__(self, batches: _Batches, devices: Sequence[jax.Device], count: int, depth: int = 2):
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._produce, args=(batches, list(image_sizes), count), name="batch-prefetch", daemon=True
+            target=self._produce, args=(batches, list(devices), count), name="batch-prefetch", daemon=True
         )
         self._thread.start()
 
-    def _produce(self, batches: _Batches, image_sizes: list[int], count: int) -> None:
+    def _produce(self, batches: _Batches, devices: list[jax.Device], count: int) -> None:
         for _ in range(count):
             try:
-                item: Any = batches.next(image_sizes)
+                batch = batches.next()
+                item: Any = {device: jax.device_put(batch, device) for device in devices}
             except BaseException as error:  # handed to the consumer, raised there
                 item = error
             while not self._stop.is_set():
@@ -142,7 +147,8 @@ class _Prefetched:
             if self._stop.is_set() or isinstance(item, BaseException):
                 return
 
-    def next(self) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    def next(self) -> dict[jax.Device, tuple[jax.Array, jax.Array, jax.Array]]:
+        """The next batch on every device: (uint8 images, labels, key data)."""
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -157,6 +163,22 @@ class _Prefetched:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _TrainInputs:
+    """The generation's device preprocessing: one jitted function (which
+    augmentations run is static, their magnitudes live on each device), run
+    once per step, device and image size, whatever the number of candidates."""
+
+    def __init__(self, data_hparams: Mapping[str, HyperValue], devices: Sequence[jax.Device]):
+        self.augmentation = Augmentation.of(data_hparams)
+        values = preprocess_device.magnitudes(data_hparams)
+        self._values = {device: jax.device_put(values, device) for device in devices}
+
+    def make(self, batch: tuple[jax.Array, jax.Array, jax.Array], device: jax.Device, image_size: int) -> jax.Array:
+        images, _, key_data = batch
+        return steps.train_inputs(images, key_data, self._values[device], image_size=image_size,
+                                  augmentation=self.augmentation)
 
 
 def _padded_eval_batches(images: np.ndarray, labels: np.ndarray, batch: int):
@@ -179,40 +201,16 @@ def evaluate_accuracy(
     eval_batch_size: int,
     device: jax.Device | None = None,
 ) -> float:
-    """Accuracy of a path's parameters on a whole image set (eval preprocessing)."""
-    images = preprocess_eval(image_set.images, structure.image_size)
-    return accuracy_on(trainable, frozen, images, image_set.labels, structure, eval_batch_size, device)
-
-
-def accuracy_on(
-    trainable: Mapping[str, Params],
-    frozen: Mapping[str, Params],
-    images: np.ndarray,
-    labels: np.ndarray,
-    structure: PathStructure,
-    eval_batch_size: int,
-    device: jax.Device | None = None,
-) -> float:
-    """Accuracy on already preprocessed images."""
-    return accuracy_of(dispatch_counts(trainable, frozen, images, labels, structure, eval_batch_size, device),
-                       len(labels))
-
-
-def dispatch_counts(
-    trainable: Mapping[str, Params],
-    frozen: Mapping[str, Params],
-    images: np.ndarray,
-    labels: np.ndarray,
-    structure: PathStructure,
-    eval_batch_size: int,
-    device: jax.Device | None = None,
-) -> list[jax.Array]:
-    """Dispatches the correct-counts of every eval batch without waiting on any."""
+    """Accuracy of a path's parameters on a whole image set, streamed: each
+    uint8 batch is uploaded, preprocessed on the device and counted; one host
+    sync at the end."""
+    device = device or jax.local_devices()[0]
     counts = []
-    for x, y, mask in _padded_eval_batches(images, labels, eval_batch_size):
+    for x, y, mask in _padded_eval_batches(image_set.images, image_set.labels, eval_batch_size):
         x, y, mask = jax.device_put((x, y, mask), device)
-        counts.append(steps.count_correct(trainable, frozen, x, y, mask, structure=structure))
-    return counts
+        inputs = steps.eval_inputs(x, image_size=structure.image_size)
+        counts.append(steps.count_correct(trainable, frozen, inputs, y, mask, structure=structure))
+    return accuracy_of(counts, len(image_set))
 
 
 def accuracy_of(counts: Sequence[jax.Array], examples: int) -> float:
@@ -234,8 +232,9 @@ class _CandidateState:
         trace = optimizer.momentum_trace(opt_state)
         inherited = {name: plan.momentum.get(name, trace[name]) for name in trace}
         self.opt_state = jax.device_put(optimizer.with_momentum_trace(opt_state, inherited), device)
-        self.learning_rates = optimizer.learning_rates(plan.hparams, total_steps, rounds)
-        self.momentum = np.float32(plan.hparams.get("momentum", 0.9))
+        # Per-step values go to the device up front: the step loop transfers nothing.
+        self.learning_rates = jax.device_put(list(optimizer.learning_rates(plan.hparams, total_steps, rounds)), device)
+        self.momentum = jax.device_put(np.float32(plan.hparams.get("momentum", 0.9)), device)
         self.best_score = plan.start_score
         self.best_quality = -math.inf
         self.own_best = -math.inf  # its best validation score, whatever the bar
@@ -244,37 +243,19 @@ class _CandidateState:
         self.compile_seconds = 0.0
         self.started = time.perf_counter()
 
-    def step(self, step_index: int, images: np.ndarray, labels: np.ndarray) -> jax.Array:
-        """Dispatches one training step; returns its loss (not waited on)."""
-        traces_before = steps.TRACE_COUNTS["train_step"]
-        started = time.perf_counter()
-        images, labels = jax.device_put((images, labels), self.device)
-        self.trainable, self.opt_state, loss = steps.train_step(
-            self.trainable,
-            self.frozen,
-            self.opt_state,
-            images,
-            labels,
-            self.learning_rates[step_index],
-            self.momentum,
-            structure=self.plan.structure,
-            nesterov=self.nesterov,
-        )
+    def step(self, step_index: int, inputs: jax.Array, labels: jax.Array) -> jax.Array:
+        """Dispatches one training step on device-resident inputs; returns its
+        loss (not waited on)."""
+        self.trainable, self.opt_state, loss = _charging_compile(
+            self, "train_step", steps.train_step, self.trainable, self.frozen, self.opt_state, inputs, labels,
+            self.learning_rates[step_index], self.momentum, structure=self.plan.structure, nesterov=self.nesterov)
         self.steps += 1
-        if steps.TRACE_COUNTS["train_step"] != traces_before:
-            self.compile_seconds += time.perf_counter() - started
         return loss
 
-    def dispatch_validation(self, images: np.ndarray, labels: np.ndarray, eval_batch_size: int) -> list[jax.Array]:
-        """Dispatches one validation; the eval step's compile, when this call
-        compiles it, counts as compile time too."""
-        traces_before = steps.TRACE_COUNTS["count_correct"]
-        started = time.perf_counter()
-        counts = dispatch_counts(self.trainable, self.frozen, images, labels, self.plan.structure, eval_batch_size,
-                                 self.device)
-        if steps.TRACE_COUNTS["count_correct"] != traces_before:
-            self.compile_seconds += time.perf_counter() - started
-        return counts
+    def count_correct(self, inputs: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+        """Dispatches the correct-count of one validation batch."""
+        return _charging_compile(self, "count_correct", steps.count_correct, self.trainable, self.frozen, inputs,
+                                 labels, mask, structure=self.plan.structure)
 
     def validated(self, quality: float) -> None:
         """Records a validation accuracy; keeps a snapshot when it reaches the best score."""
@@ -297,6 +278,19 @@ class _CandidateState:
             train_seconds=time.perf_counter() - self.started - self.compile_seconds,
             compile_seconds=self.compile_seconds,
         )
+
+
+def _charging_compile(state: _CandidateState, kind: str, dispatch: Callable[..., Any], *args: Any,
+                      **kwargs: Any) -> Any:
+    """Calls `dispatch(*args, **kwargs)`; when it traced (compiled) a `kind`
+    program, its time counts as that candidate's compile time, not its
+    training time."""
+    traces_before = steps.TRACE_COUNTS[kind]
+    started = time.perf_counter()
+    out = dispatch(*args, **kwargs)
+    if steps.TRACE_COUNTS[kind] != traces_before:
+        state.compile_seconds += time.perf_counter() - started
+    return out
 
 
 def train_candidates(
@@ -330,21 +324,28 @@ def train_candidates(
         _CandidateState(plan, devices[i % len(devices)], total_steps, rounds)
         for i, plan in enumerate(plans)
     ]
-    image_sizes = sorted({plan.structure.image_size for plan in plans})
+    used = list(dict.fromkeys(state.device for state in states))
     batches = _Batches(data.train, settings.batch_size, data_hparams, seed)
-    # Validation images are preprocessed once per image size, not per candidate and round.
-    validation = {size: preprocess_eval(data.validation.images, size) for size in image_sizes}
-    with _Prefetched(batches, image_sizes, total_steps) as prefetched:
-        _train_rounds(states, prefetched, validation, data.validation.labels, settings, rounds, halving_round,
-                      cancel, on_step, priority)
+    inputs = _TrainInputs(data_hparams, used)
+    with _Prefetched(batches, used, total_steps) as prefetched, jax.transfer_guard(STEP_LOOP_TRANSFER_GUARD):
+        _train_rounds(states, prefetched, inputs, data.validation, settings, rounds, halving_round, cancel, on_step,
+                      priority)
     return [state.result() for state in states]
+
+
+def _by_device_and_size(states: Sequence[_CandidateState]) -> dict[tuple[jax.Device, int], list[_CandidateState]]:
+    """The candidates grouped by what their inputs share: device and image size."""
+    groups: dict[tuple[jax.Device, int], list[_CandidateState]] = {}
+    for state in states:
+        groups.setdefault((state.device, state.plan.structure.image_size), []).append(state)
+    return groups
 
 
 def _train_rounds(
     states: Sequence[_CandidateState],
     prefetched: _Prefetched,
-    validation: Mapping[int, np.ndarray],
-    validation_labels: np.ndarray,
+    inputs: _TrainInputs,
+    validation: ImageSet,
     settings: TrainSettings,
     rounds: int,
     halving_round: int,
@@ -358,30 +359,52 @@ def _train_rounds(
     active = list(states)
     for round_index in range(rounds):
         in_flight: list[jax.Array] = []
+        groups = _by_device_and_size(active)
         for _ in range(steps_per_round):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("search cancelled")
-            by_size, labels = prefetched.next()
+            batch = prefetched.next()
             priority.yield_to_serving()
-            # Dispatch all candidates before waiting on any; then wait on the
-            # previous step, so at most two steps per candidate are queued.
-            losses = [state.step(step_index, by_size[state.plan.structure.image_size], labels) for state in active]
+            # Inputs once per device and size; all candidates dispatched before
+            # waiting on any; then a wait on the previous step, so at most two
+            # steps per candidate are queued.
+            losses = []
+            for (device, size), group in groups.items():
+                step_inputs = _charging_compile(group[0], "train_inputs", inputs.make, batch[device], device, size)
+                labels = batch[device][1]
+                losses.extend(state.step(step_index, step_inputs, labels) for state in group)
             jax.block_until_ready(in_flight)
             in_flight = losses
             step_index += 1
             examples += settings.batch_size * len(active)
             if on_step is not None:
                 on_step(step_index, total_steps, examples)
-        # Every candidate's validation is dispatched before any result is read.
-        pending = [
-            state.dispatch_validation(validation[state.plan.structure.image_size], validation_labels,
-                                      settings.eval_batch_size)
-            for state in active
-        ]
-        for state, counts in zip(active, pending):
-            state.validated(accuracy_of(counts, len(validation_labels)))
+        qualities = _validate(groups, validation, settings.eval_batch_size)
+        for state in active:
+            state.validated(qualities[id(state)])
         if round_index + 1 == halving_round:
             active = survivors(active)
+
+
+def _validate(groups: Mapping[tuple[jax.Device, int], list[_CandidateState]], validation: ImageSet,
+              eval_batch_size: int) -> dict[int, float]:
+    """Every candidate's validation accuracy by id(candidate), streamed: each
+    uint8 batch is uploaded once per device and preprocessed once per device
+    and size, every count is dispatched before any is read, and one host sync
+    reads them all."""
+    ordered = [state for group in groups.values() for state in group]
+    totals: dict[int, list[jax.Array]] = {id(state): [] for state in ordered}
+    devices = list(dict.fromkeys(device for device, _ in groups))
+    for x, y, mask in _padded_eval_batches(validation.images, validation.labels, eval_batch_size):
+        on_device = {device: jax.device_put((x, y, mask), device) for device in devices}
+        for (device, size), group in groups.items():
+            images, labels, valid = on_device[device]
+            batch_inputs = _charging_compile(group[0], "eval_inputs", steps.eval_inputs, images, image_size=size)
+            for state in group:
+                totals[id(state)].append(state.count_correct(batch_inputs, labels, valid))
+    sums = [functools.reduce(jnp.add, totals[id(state)]) for state in ordered]
+    correct = jax.device_get(sums)
+    return {id(state): int(c) / max(len(validation), 1) for state, c in zip(ordered, correct)}
 
 
 def survivors(states: Sequence[_CandidateState]) -> list[_CandidateState]:

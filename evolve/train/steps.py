@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import optax
 
 from evolve.config import SERVING_EXECUTABLES, TRAINING_EXECUTABLES
+from evolve.data import preprocess_device
+from evolve.data.preprocess_device import Augmentation
 from evolve.models import vit
 from evolve.train import optimizer
 from evolve.types import Params, PathStructure
@@ -157,8 +159,11 @@ class BoundedJit:
             tuple(tuple(sorted(args[i])) for i in self._tree_argnums),
             tuple(_aval_key(arg) for i, arg in enumerate(args) if i not in self._skipped),
             _placement(args[self._images_argnum]),
-            _placement(_first_leaf(args[self._tree_argnums[0]])),
+            _placement(self._some_param(args)),
         )
+
+    def _some_param(self, args: Sequence[Any]) -> Any:
+        return _first_leaf(args[self._tree_argnums[0]]) if self._tree_argnums else None
 
     def is_compiled(self, *args, **static) -> bool:
         """Whether a call with these arguments would find its executable in
@@ -168,7 +173,7 @@ class BoundedJit:
 
     def __call__(self, *args, **static):
         images = args[self._images_argnum]
-        some_param = _first_leaf(args[self._tree_argnums[0]])
+        some_param = self._some_param(args)
         if isinstance(images, jax.core.Tracer) or isinstance(some_param, jax.core.Tracer):
             return self.jitted(*args, **static)
         key = self._key(args, static)
@@ -198,6 +203,22 @@ def _placement(value: Any) -> Hashable:
 def bounded_jit(cache: CompiledCache, **options) -> Callable[[Callable], BoundedJit]:
     """Decorator: `BoundedJit(fun, cache, **options)`."""
     return lambda fun: BoundedJit(fun, cache, **options)
+
+
+# The inputs of a step, made on the device from uint8 images (evolve.data.preprocess_device).
+@bounded_jit(TRAINING, static_argnames=("image_size", "augmentation"), tree_argnums=(), images_argnum=0)
+def train_inputs(images: jax.Array, key_data: jax.Array, values: jax.Array, *, image_size: int,
+                 augmentation: Augmentation) -> jax.Array:
+    """A training batch's model inputs: augmented as `augmentation` says."""
+    TRACE_COUNTS["train_inputs"] += 1
+    return preprocess_device.train_inputs(images, key_data, values, image_size=image_size, augmentation=augmentation)
+
+
+@bounded_jit(TRAINING, static_argnames=("image_size",), tree_argnums=(), images_argnum=0)
+def eval_inputs(images: jax.Array, *, image_size: int) -> jax.Array:
+    """An evaluation batch's model inputs (resize and scale)."""
+    TRACE_COUNTS["eval_inputs"] += 1
+    return preprocess_device.eval_inputs(images, image_size)
 
 
 def _merge(trainable: Mapping[str, Params], frozen: Mapping[str, Params]) -> dict[str, Params]:

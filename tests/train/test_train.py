@@ -201,8 +201,8 @@ def test_prefetching_stops_early_and_hands_on_errors():
                               on_step=stop_after_one)
     assert "batch-prefetch" not in {t.name for t in threading.enumerate()} - before
     broken = loop._Batches(_data().train, 16, {}, 0)
-    broken.next = lambda sizes: (_ for _ in ()).throw(RuntimeError("decoder broke"))
-    with loop._Prefetched(broken, [16], 5) as prefetched, pytest.raises(RuntimeError, match="decoder broke"):
+    broken.next = lambda: (_ for _ in ()).throw(RuntimeError("decoder broke"))
+    with loop._Prefetched(broken, jax.local_devices()[:1], 5) as prefetched, pytest.raises(RuntimeError, match="decoder broke"):
         prefetched.next()
 
 
