@@ -21,6 +21,10 @@ SERVING_EXECUTABLES = 256
 # Predict before training (train.priority): a search's next step waits while a
 # Predict call is in flight, at most this long per step (0: never waits).
 SERVING_MAX_YIELD_SECONDS = 0.05
+# Latent replay (train.loop): with augmentation off, the frozen prefix features
+# of the training and validation examples are computed once per generation and
+# kept on the device, up to this many bytes in all (the rest recompute per step).
+LATENT_CACHE_BYTES = 2 << 30
 
 VIT_SIZES: dict[str, ViTSize] = {
     # A CPU size for tests and the demo: patch 4 on 16x16 images.

@@ -12,13 +12,14 @@ from evolve.data.dataset import ImageSet, TaskData
 from evolve.data.limits import DataLimits
 from evolve.data.loader import check_task_source, load_task_data
 from evolve.data.npz import write_npz_task
-from evolve.data.preprocess import batch_iterator, preprocess_eval, preprocess_train
+from evolve.data.preprocess import batch_indices, batch_iterator, preprocess_eval, preprocess_train
 
 __all__ = [
     "BUNDLED_TASKS",
     "DataLimits",
     "ImageSet",
     "TaskData",
+    "batch_indices",
     "batch_iterator",
     "bundled_task_specs",
     "check_task_source",

@@ -216,23 +216,34 @@ def preprocess_train(
 
 
 def batch_iterator(image_set: ImageSet, batch_size: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless (uint8 images, int32 labels) batches of exactly `batch_size`.
+    """Endless (uint8 images, int32 labels) batches of exactly `batch_size`,
+    the examples `batch_indices` draws."""
+    if len(image_set) == 0:
+        raise ValueError("cannot iterate over an empty set")
+    return (
+        (image_set.images[indices], image_set.labels[indices])
+        for indices in batch_indices(len(image_set), batch_size, seed)
+    )
+
+
+def batch_indices(examples: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Endless batches of exactly `batch_size` example indices.
 
     Each epoch is a fresh permutation from np.random.default_rng(seed); a
     batch that runs past an epoch's end continues into the next permutation,
     so every batch is full and each epoch visits every example once.
     """
-    if len(image_set) == 0:
+    if examples < 1:
         raise ValueError("cannot iterate over an empty set")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return _batches(image_set, int(batch_size), np.random.default_rng(seed))
+    return _indices(int(examples), int(batch_size), np.random.default_rng(seed))
 
 
-def _batches(image_set: ImageSet, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _indices(examples: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     pending = np.empty((0,), dtype=np.int64)
     while True:
         while len(pending) < batch_size:
-            pending = np.concatenate([pending, rng.permutation(len(image_set))])
+            pending = np.concatenate([pending, rng.permutation(examples)])
         indices, pending = pending[:batch_size], pending[batch_size:]
-        yield image_set.images[indices], image_set.labels[indices]
+        yield indices

@@ -7,7 +7,8 @@ function of (params by component name, images) with the structure static.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import dataclasses
+from typing import Any, Collection, Mapping
 
 import flax.linen as nn
 import jax
@@ -159,27 +160,90 @@ def resize_posembed(pos_embedding: np.ndarray, target_tokens: int) -> np.ndarray
 
 def forward(params: Mapping[str, Params], images: jax.Array, structure: PathStructure) -> jax.Array:
     """Logits of a path for a batch of images in [-1, 1], shape [B, S, S, 3]."""
+    return forward_from(params, images, structure, None)
+
+
+def forward_from(params: Mapping[str, Params], inputs: jax.Array, structure: PathStructure,
+                 start_layer: int | None) -> jax.Array:
+    """Logits from images (`start_layer` None) or from the tokens that the
+    first `start_layer` encoder layers made (`prefix_tokens`)."""
+    tokens = embed(params, inputs, structure) if start_layer is None else inputs
+    tokens = run_layers(params, tokens, structure, 0 if start_layer is None else start_layer, structure.num_layers)
     head = nn.Dense(structure.num_classes)
-    return head.apply({"params": params["head"]}, encode(params, images, structure))
+    return head.apply({"params": params["head"]}, readout(params, tokens))
 
 
 def encode(params: Mapping[str, Params], images: jax.Array, structure: PathStructure) -> jax.Array:
     """The body's features (normalised class token, [B, hidden]): everything before `head`."""
+    tokens = run_layers(params, embed(params, images, structure), structure, 0, structure.num_layers)
+    return readout(params, tokens)
+
+
+def embed(params: Mapping[str, Params], images: jax.Array, structure: PathStructure) -> jax.Array:
+    """Patch embedding, class token and position embeddings: [B, tokens, hidden]."""
     size = structure.size
     x = _embedding(size).apply({"params": params["embedding"]}, images)
     batch = x.shape[0]
     x = x.reshape(batch, -1, size.hidden_size)
     cls = jnp.broadcast_to(params["cls"]["cls"], (batch, 1, size.hidden_size))
     x = jnp.concatenate([cls, x], axis=1)
-    x = x + params["posembed_input"]["pos_embedding"]
-    block = EncoderBlock(size.num_heads, size.mlp_dim)
+    return x + params["posembed_input"]["pos_embedding"]
+
+
+def run_layers(params: Mapping[str, Params], x: jax.Array, structure: PathStructure, start: int, stop: int) -> jax.Array:
+    """Encoder layers start..stop-1, each with its residual adapter first where it has one."""
+    block = EncoderBlock(structure.size.num_heads, structure.size.mlp_dim)
     adapter = ResidualAdapter(structure.adapter_dim)
-    for i in range(structure.num_layers):
+    for i in range(start, stop):
         if i in structure.adapter_layers:
             x = x + adapter.apply({"params": params[f"residual_adapter_{i}"]}, x)
         x = block.apply({"params": params[f"encoderblock_{i}"]}, x)
-    x = nn.LayerNorm().apply({"params": params["encoder_norm"]}, x)
-    return x[:, 0]
+    return x
+
+
+def readout(params: Mapping[str, Params], tokens: jax.Array) -> jax.Array:
+    """The normalised class token."""
+    return nn.LayerNorm().apply({"params": params["encoder_norm"]}, tokens)[:, 0]
+
+
+# ---- frozen prefixes (DESIGN §4, frozen-prefix economics) ---------------------
+
+STEM = ("embedding", "cls", "posembed_input")
+
+
+def frozen_prefix_layers(structure: PathStructure, frozen_names: Collection[str]) -> int | None:
+    """How many leading encoder layers, after the stem, are frozen whole
+    (block and adapter); None when some stem component trains, so that no
+    prefix can be computed ahead of the trainable part."""
+    if not all(name in frozen_names for name in STEM):
+        return None
+    layers = 0
+    for i in range(structure.num_layers):
+        layer = [f"encoderblock_{i}"] + ([f"residual_adapter_{i}"] if i in structure.adapter_layers else [])
+        if not all(name in frozen_names for name in layer):
+            break
+        layers += 1
+    return layers
+
+
+def prefix_structure(structure: PathStructure, layers: int) -> PathStructure:
+    """The structure of a path's first `layers` layers, with what does not
+    change their computation normalised away (classes; the adapter size when
+    no adapter is among them): equal prefixes compile one program."""
+    adapters = tuple(i for i in structure.adapter_layers if i < layers)
+    return dataclasses.replace(structure, num_layers=layers, num_classes=0, adapter_layers=adapters,
+                               adapter_dim=structure.adapter_dim if adapters else 0)
+
+
+def prefix_names(structure: PathStructure) -> tuple[str, ...]:
+    """The components a prefix structure (`prefix_structure`) runs."""
+    return structure.component_names()[:-2]
+
+
+def prefix_tokens(params: Mapping[str, Params], images: jax.Array, prefix: PathStructure) -> jax.Array:
+    """The tokens after a prefix structure's layers: what `forward_from`
+    continues from with `start_layer = prefix.num_layers`."""
+    return run_layers(params, embed(params, images, prefix), prefix, 0, prefix.num_layers)
 
 
 def init_path_params(structure: PathStructure, rng: jax.Array, *, as_numpy: bool = True) -> dict[str, Params]:

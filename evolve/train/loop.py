@@ -15,17 +15,18 @@ import math
 import queue
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evolve.config import AUGMENTATION_OFF
-from evolve.data import ImageSet, TaskData, batch_iterator, preprocess_device
+from evolve.config import AUGMENTATION_OFF, LATENT_CACHE_BYTES
+from evolve.data import ImageSet, TaskData, batch_indices, preprocess_device
 from evolve.data.preprocess import jpeg_jitter
 from evolve.data.preprocess_device import Augmentation
 from evolve.errors import CancelledError
+from evolve.models import vit
 from evolve.train import optimizer, steps
 from evolve.train.priority import NO_PRIORITY, ServingPriority
 from evolve.types import HyperValue, Params, PathStructure
@@ -67,6 +68,8 @@ class TrainSettings:
     # Successive halving (0: off): after this many rounds only the better half
     # of the candidates trains on, taking over the rounds the others give up.
     halving_round: int = 0
+    # Latent replay: device bytes for cached frozen-prefix features (0: off).
+    latent_cache_bytes: int = LATENT_CACHE_BYTES
 
     def halving(self, candidates: int) -> tuple[int, int]:
         return halving_rounds(self.rounds, self.halving_round, candidates)
@@ -96,24 +99,39 @@ def halving_rounds(rounds: int, halving_round: int, candidates: int) -> tuple[in
 STEP_LOOP_TRANSFER_GUARD = "allow"
 
 
-class _Batches:
-    """The generation's shared training batches, as the host makes them: uint8
-    images (JPEG-jittered here when asked: that needs a codec), labels, and
-    the raw key of the step's device augmentation."""
+class Batch(NamedTuple):
+    """One training step's shared batch: uint8 images (None when every
+    candidate reads cached features), labels, the raw key of the step's device
+    augmentation, and the examples' indices in the training split."""
 
-    def __init__(self, train: ImageSet, batch_size: int, data_hparams: Mapping[str, HyperValue], seed: int):
+    images: Any
+    labels: Any
+    key_data: Any
+    indices: Any
+
+
+class _Batches:
+    """The generation's shared training batches, as the host makes them (JPEG
+    jitter is applied here when asked: that needs a codec)."""
+
+    def __init__(self, train: ImageSet, batch_size: int, data_hparams: Mapping[str, HyperValue], seed: int,
+                 *, with_images: bool = True):
         # Independent streams for the shuffle, the JPEG jitter and the device keys.
         shuffle_seed, jpeg_seed, key_seed = np.random.SeedSequence(seed).spawn(3)
-        self._iterator = batch_iterator(train, batch_size, int(shuffle_seed.generate_state(1)[0]))
+        self._train = train
+        self._indices = batch_indices(len(train), batch_size, int(shuffle_seed.generate_state(1)[0]))
+        self._with_images = with_images
         self._jpeg_quality = float(data_hparams.get("jpeg_quality", AUGMENTATION_OFF["jpeg_quality"]))
         self._jpeg_rng = np.random.default_rng(jpeg_seed)
         self._key_rng = np.random.default_rng(key_seed)
 
-    def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        images, labels = next(self._iterator)
-        if self._jpeg_quality > 0:
+    def next(self) -> Batch:
+        indices = next(self._indices)
+        images = self._train.images[indices] if self._with_images else None
+        if images is not None and self._jpeg_quality > 0:
             images = jpeg_jitter(images, self._jpeg_quality, self._jpeg_rng)
-        return images, labels, self._key_rng.integers(0, 2**32, (2,), dtype=np.uint32)
+        key_data = self._key_rng.integers(0, 2**32, (2,), dtype=np.uint32)
+        return Batch(images, self._train.labels[indices], key_data, indices.astype(np.int32))
 
 
 class _Prefetched:
@@ -147,8 +165,8 @@ class _Prefetched:
             if self._stop.is_set() or isinstance(item, BaseException):
                 return
 
-    def next(self) -> dict[jax.Device, tuple[jax.Array, jax.Array, jax.Array]]:
-        """The next batch on every device: (uint8 images, labels, key data)."""
+    def next(self) -> dict[jax.Device, Batch]:
+        """The next batch on every device."""
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -172,13 +190,19 @@ class _TrainInputs:
 
     def __init__(self, data_hparams: Mapping[str, HyperValue], devices: Sequence[jax.Device]):
         self.augmentation = Augmentation.of(data_hparams)
+        self._jpeg = float(data_hparams.get("jpeg_quality", AUGMENTATION_OFF["jpeg_quality"])) > 0
         values = preprocess_device.magnitudes(data_hparams)
         self._values = {device: jax.device_put(values, device) for device in devices}
 
-    def make(self, batch: tuple[jax.Array, jax.Array, jax.Array], device: jax.Device, image_size: int) -> jax.Array:
-        images, _, key_data = batch
-        return steps.train_inputs(images, key_data, self._values[device], image_size=image_size,
+    def make(self, batch: Batch, device: jax.Device, image_size: int) -> jax.Array:
+        return steps.train_inputs(batch.images, batch.key_data, self._values[device], image_size=image_size,
                                   augmentation=self.augmentation)
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether a training example's model input is the same every step
+        (no augmentation runs): its prefix features may then be cached."""
+        return self.augmentation.off and not self._jpeg
 
 
 def _padded_eval_batches(images: np.ndarray, labels: np.ndarray, batch: int):
@@ -219,15 +243,54 @@ def accuracy_of(counts: Sequence[jax.Array], examples: int) -> float:
     return correct / max(examples, 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Prefix:
+    """A candidate's frozen prefix (DESIGN §4): the stem and the leading
+    encoder layers it never trains. Candidates with equal keys (same prefix
+    structure and component ids) compute equal features and share them."""
+
+    structure: PathStructure
+    key: Hashable
+
+    @staticmethod
+    def of(plan: CandidatePlan) -> _Prefix | None:
+        layers = vit.frozen_prefix_layers(plan.structure, plan.frozen)
+        if layers is None:
+            return None
+        structure = vit.prefix_structure(plan.structure, layers)
+        ids = tuple(plan.frozen_ids.get(name) for name in vit.prefix_names(structure))
+        # Without component ids (a plan made outside a search) it shares with nothing.
+        return _Prefix(structure, (structure, ids) if None not in ids else (structure, "plan", id(plan)))
+
+    @property
+    def layers(self) -> int:
+        return self.structure.num_layers
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return vit.prefix_names(self.structure)
+
+    def feature_bytes(self, examples: int) -> int:
+        """Device bytes of `examples` examples' features (float32 tokens)."""
+        size = self.structure.size
+        return examples * vit.num_tokens(size, self.structure.image_size) * size.hidden_size * 4
+
+
 class _CandidateState:
-    """Device-resident training state of one candidate."""
+    """Device-resident training state of one candidate. Its frozen prefix, if
+    it has one, runs forward only and apart (`prefix_features`), so that
+    candidates sharing it compute it once; the step starts after it."""
 
     def __init__(self, plan: CandidatePlan, device: jax.Device, total_steps: int, rounds: int):
         self.plan = plan
         self.device = device
         self.nesterov = bool(plan.hparams.get("nesterov", False))
         self.trainable = jax.device_put(plan.trainable, device)
-        self.frozen = jax.device_put(plan.frozen, device)
+        self.prefix = _Prefix.of(plan)
+        prefix_names = set(self.prefix.names) if self.prefix is not None else set()
+        self.prefix_params = jax.device_put({n: plan.frozen[n] for n in sorted(prefix_names)}, device)
+        self.start_layer = self.prefix.layers if self.prefix is not None else None
+        self.frozen = jax.device_put({n: p for n, p in plan.frozen.items() if n not in prefix_names}, device)
         opt_state = optimizer.make_optimizer(self.nesterov).init(self.trainable)
         trace = optimizer.momentum_trace(opt_state)
         inherited = {name: plan.momentum.get(name, trace[name]) for name in trace}
@@ -243,19 +306,34 @@ class _CandidateState:
         self.compile_seconds = 0.0
         self.started = time.perf_counter()
 
-    def step(self, step_index: int, inputs: jax.Array, labels: jax.Array) -> jax.Array:
-        """Dispatches one training step on device-resident inputs; returns its
-        loss (not waited on)."""
+    @property
+    def sharing_key(self) -> Hashable:
+        """Candidates (of one device and image size) with equal keys share
+        the features their step starts from."""
+        return self.prefix.key if self.prefix is not None else ("own", id(self))
+
+    def features(self, inputs: jax.Array) -> jax.Array:
+        """What this candidate's step starts from: the model inputs, or its
+        frozen prefix's features of them."""
+        if self.prefix is None:
+            return inputs
+        return _charging_compile(self, "prefix_features", steps.prefix_features, self.prefix_params, inputs,
+                                 prefix=self.prefix.structure)
+
+    def step(self, step_index: int, features: jax.Array, labels: jax.Array) -> jax.Array:
+        """Dispatches one training step on device-resident features (see
+        `features`); returns its loss (not waited on)."""
         self.trainable, self.opt_state, loss = _charging_compile(
-            self, "train_step", steps.train_step, self.trainable, self.frozen, self.opt_state, inputs, labels,
-            self.learning_rates[step_index], self.momentum, structure=self.plan.structure, nesterov=self.nesterov)
+            self, "train_step", steps.train_step, self.trainable, self.frozen, self.opt_state, features, labels,
+            self.learning_rates[step_index], self.momentum, structure=self.plan.structure, nesterov=self.nesterov,
+            start_layer=self.start_layer)
         self.steps += 1
         return loss
 
-    def count_correct(self, inputs: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    def count_correct(self, features: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
         """Dispatches the correct-count of one validation batch."""
-        return _charging_compile(self, "count_correct", steps.count_correct, self.trainable, self.frozen, inputs,
-                                 labels, mask, structure=self.plan.structure)
+        return _charging_compile(self, "count_correct", steps.count_correct, self.trainable, self.frozen, features,
+                                 labels, mask, structure=self.plan.structure, start_layer=self.start_layer)
 
     def validated(self, quality: float) -> None:
         """Records a validation accuracy; keeps a snapshot when it reaches the best score."""
@@ -325,26 +403,83 @@ def train_candidates(
         for i, plan in enumerate(plans)
     ]
     used = list(dict.fromkeys(state.device for state in states))
-    batches = _Batches(data.train, settings.batch_size, data_hparams, seed)
     inputs = _TrainInputs(data_hparams, used)
+    latent = LatentCache.build(states, data, settings, inputs.deterministic)
+    batches = _Batches(data.train, settings.batch_size, data_hparams, seed,
+                       with_images=not latent.serves_training(states))
     with _Prefetched(batches, used, total_steps) as prefetched, jax.transfer_guard(STEP_LOOP_TRANSFER_GUARD):
-        _train_rounds(states, prefetched, inputs, data.validation, settings, rounds, halving_round, cancel, on_step,
-                      priority)
+        _train_rounds(states, prefetched, inputs, latent, data.validation, settings, rounds, halving_round, cancel,
+                      on_step, priority)
     return [state.result() for state in states]
 
 
-def _by_device_and_size(states: Sequence[_CandidateState]) -> dict[tuple[jax.Device, int], list[_CandidateState]]:
-    """The candidates grouped by what their inputs share: device and image size."""
-    groups: dict[tuple[jax.Device, int], list[_CandidateState]] = {}
+Groups = dict[tuple[jax.Device, int], dict[Hashable, list[_CandidateState]]]
+
+
+def _sharing(states: Sequence[_CandidateState]) -> Groups:
+    """The candidates grouped by what their inputs share (device and image
+    size), and within that by the features their steps start from."""
+    groups: Groups = {}
     for state in states:
-        groups.setdefault((state.device, state.plan.structure.image_size), []).append(state)
+        by_features = groups.setdefault((state.device, state.plan.structure.image_size), {})
+        by_features.setdefault(state.sharing_key, []).append(state)
     return groups
+
+
+class LatentCache:
+    """Latent replay (DESIGN §4): when no augmentation runs, a frozen prefix's
+    features of every training and validation example are the same each step,
+    so they are computed once per generation, kept on the device and read by
+    index. Bounded by `TrainSettings.latent_cache_bytes`; prefixes that do not
+    fit compute their features per step as without it."""
+
+    def __init__(self) -> None:
+        self.train: dict[tuple[jax.Device, Hashable], jax.Array] = {}  # [examples, tokens, hidden]
+        self.validation: dict[tuple[jax.Device, Hashable], list[jax.Array]] = {}  # per padded eval batch
+        self.bytes = 0
+
+    @classmethod
+    def build(cls, states: Sequence[_CandidateState], data: TaskData, settings: TrainSettings,
+              deterministic: bool) -> LatentCache:
+        cache = cls()
+        if not deterministic or settings.latent_cache_bytes <= 0:
+            return cache
+        for (device, size), by_features in _sharing(states).items():
+            for key, members in by_features.items():
+                lead = members[0]
+                if lead.prefix is None:
+                    continue
+                need = lead.prefix.feature_bytes(len(data.train) + len(data.validation))
+                if cache.bytes + need > settings.latent_cache_bytes:
+                    continue
+                cache.bytes += need
+                train = _prefix_batches(lead, data.train, size, settings.eval_batch_size)
+                cache.train[(device, key)] = jnp.concatenate(train)[: len(data.train)] if len(train) > 1 else (
+                    train[0][: len(data.train)])
+                cache.validation[(device, key)] = _prefix_batches(lead, data.validation, size,
+                                                                  settings.eval_batch_size)
+        return cache
+
+    def serves_training(self, states: Sequence[_CandidateState]) -> bool:
+        """Whether every candidate's training features come from the cache."""
+        return all((s.device, s.sharing_key) in self.train for s in states)
+
+
+def _prefix_batches(state: _CandidateState, image_set: ImageSet, image_size: int, batch: int) -> list[jax.Array]:
+    """A candidate's prefix features of a whole image set, in padded batches."""
+    features = []
+    for x, _, _ in _padded_eval_batches(image_set.images, image_set.labels, batch):
+        inputs = _charging_compile(state, "eval_inputs", steps.eval_inputs, jax.device_put(x, state.device),
+                                   image_size=image_size)
+        features.append(state.features(inputs))
+    return features
 
 
 def _train_rounds(
     states: Sequence[_CandidateState],
     prefetched: _Prefetched,
     inputs: _TrainInputs,
+    latent: LatentCache,
     validation: ImageSet,
     settings: TrainSettings,
     rounds: int,
@@ -359,49 +494,69 @@ def _train_rounds(
     active = list(states)
     for round_index in range(rounds):
         in_flight: list[jax.Array] = []
-        groups = _by_device_and_size(active)
+        groups = _sharing(active)
         for _ in range(steps_per_round):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("search cancelled")
             batch = prefetched.next()
             priority.yield_to_serving()
-            # Inputs once per device and size; all candidates dispatched before
-            # waiting on any; then a wait on the previous step, so at most two
-            # steps per candidate are queued.
+            # Inputs once per device and size, features once per shared
+            # prefix; all candidates dispatched before waiting on any; then a
+            # wait on the previous step, so at most two steps per candidate are queued.
             losses = []
-            for (device, size), group in groups.items():
-                step_inputs = _charging_compile(group[0], "train_inputs", inputs.make, batch[device], device, size)
-                labels = batch[device][1]
-                losses.extend(state.step(step_index, step_inputs, labels) for state in group)
+            for (device, size), by_features in groups.items():
+                on_device = batch[device]
+                step_inputs = None
+                for key, group in by_features.items():
+                    cached = latent.train.get((device, key))
+                    if cached is not None:
+                        features = _charging_compile(group[0], "gather_rows", steps.gather_rows, cached,
+                                                     on_device.indices)
+                    else:
+                        if step_inputs is None:
+                            step_inputs = _charging_compile(group[0], "train_inputs", inputs.make, on_device, device,
+                                                            size)
+                        features = group[0].features(step_inputs)
+                    losses.extend(state.step(step_index, features, on_device.labels) for state in group)
             jax.block_until_ready(in_flight)
             in_flight = losses
             step_index += 1
             examples += settings.batch_size * len(active)
             if on_step is not None:
                 on_step(step_index, total_steps, examples)
-        qualities = _validate(groups, validation, settings.eval_batch_size)
+        qualities = _validate(groups, latent, validation, settings.eval_batch_size)
         for state in active:
             state.validated(qualities[id(state)])
         if round_index + 1 == halving_round:
             active = survivors(active)
 
 
-def _validate(groups: Mapping[tuple[jax.Device, int], list[_CandidateState]], validation: ImageSet,
-              eval_batch_size: int) -> dict[int, float]:
+def _validate(groups: Groups, latent: LatentCache, validation: ImageSet, eval_batch_size: int) -> dict[int, float]:
     """Every candidate's validation accuracy by id(candidate), streamed: each
-    uint8 batch is uploaded once per device and preprocessed once per device
-    and size, every count is dispatched before any is read, and one host sync
+    uint8 batch is uploaded once per device, preprocessed once per device and
+    size, and run through each shared prefix once (or read from the latent
+    cache); every count is dispatched before any is read, and one host sync
     reads them all."""
-    ordered = [state for group in groups.values() for state in group]
+    ordered = [state for by_features in groups.values() for group in by_features.values() for state in group]
     totals: dict[int, list[jax.Array]] = {id(state): [] for state in ordered}
     devices = list(dict.fromkeys(device for device, _ in groups))
-    for x, y, mask in _padded_eval_batches(validation.images, validation.labels, eval_batch_size):
+    batches = _padded_eval_batches(validation.images, validation.labels, eval_batch_size)
+    for index, (x, y, mask) in enumerate(batches):
         on_device = {device: jax.device_put((x, y, mask), device) for device in devices}
-        for (device, size), group in groups.items():
+        for (device, size), by_features in groups.items():
             images, labels, valid = on_device[device]
-            batch_inputs = _charging_compile(group[0], "eval_inputs", steps.eval_inputs, images, image_size=size)
-            for state in group:
-                totals[id(state)].append(state.count_correct(batch_inputs, labels, valid))
+            batch_inputs = None
+            for key, group in by_features.items():
+                cached = latent.validation.get((device, key))
+                if cached is not None:
+                    features = cached[index]
+                else:
+                    if batch_inputs is None:
+                        batch_inputs = _charging_compile(group[0], "eval_inputs", steps.eval_inputs, images,
+                                                         image_size=size)
+                    features = group[0].features(batch_inputs)
+                for state in group:
+                    totals[id(state)].append(state.count_correct(features, labels, valid))
     sums = [functools.reduce(jnp.add, totals[id(state)]) for state in ordered]
     correct = jax.device_get(sums)
     return {id(state): int(c) / max(len(validation), 1) for state, c in zip(ordered, correct)}

@@ -221,13 +221,31 @@ def eval_inputs(images: jax.Array, *, image_size: int) -> jax.Array:
     return preprocess_device.eval_inputs(images, image_size)
 
 
+@bounded_jit(TRAINING, static_argnames=("prefix",), tree_argnums=(0,), images_argnum=1)
+def prefix_features(params: dict[str, Params], inputs: jax.Array, *, prefix: PathStructure) -> jax.Array:
+    """A frozen prefix's tokens for a batch of model inputs, forward only: one
+    program per prefix structure, shared by every candidate that has it."""
+    TRACE_COUNTS["prefix_features"] += 1
+    return vit.prefix_tokens(params, inputs, prefix)
+
+
+@bounded_jit(TRAINING, static_argnames=(), tree_argnums=(), images_argnum=0)
+def gather_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
+    """table[indices]: a training batch's rows of a cached feature table."""
+    TRACE_COUNTS["gather_rows"] += 1
+    return jnp.take(table, indices, axis=0)
+
+
 def _merge(trainable: Mapping[str, Params], frozen: Mapping[str, Params]) -> dict[str, Params]:
     return {**frozen, **trainable}
 
 
 # The optimizer state's tree and shapes follow from the trainable names and nesterov.
-@bounded_jit(TRAINING, static_argnames=("structure", "nesterov"), tree_argnums=(0, 1), derived_argnums=(2,),
-             donate_argnums=(0, 2), images_argnum=3)
+# `start_layer` (static): None when the inputs are images; k when they are the
+# tokens of a frozen prefix of k layers (prefix_features), which the step then
+# never differentiates nor recomputes.
+@bounded_jit(TRAINING, static_argnames=("structure", "nesterov", "start_layer"), tree_argnums=(0, 1),
+             derived_argnums=(2,), donate_argnums=(0, 2), images_argnum=3)
 def train_step(
     trainable: dict[str, Params],
     frozen: dict[str, Params],
@@ -239,12 +257,13 @@ def train_step(
     *,
     structure: PathStructure,
     nesterov: bool,
+    start_layer: int | None = None,
 ):
     """One SGD step on the trainable components; returns (trainable, opt_state, loss)."""
     TRACE_COUNTS["train_step"] += 1
 
     def loss_fn(params: dict[str, Params]) -> jax.Array:
-        logits = vit.forward(_merge(params, frozen), images, structure)
+        logits = vit.forward_from(_merge(params, frozen), images, structure, start_layer)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
@@ -254,7 +273,7 @@ def train_step(
     return optax.apply_updates(trainable, updates), opt_state, loss
 
 
-@bounded_jit(TRAINING, static_argnames=("structure",), tree_argnums=(0, 1), images_argnum=2)
+@bounded_jit(TRAINING, static_argnames=("structure", "start_layer"), tree_argnums=(0, 1), images_argnum=2)
 def count_correct(
     trainable: dict[str, Params],
     frozen: dict[str, Params],
@@ -263,10 +282,11 @@ def count_correct(
     mask: jax.Array,
     *,
     structure: PathStructure,
+    start_layer: int | None = None,
 ) -> jax.Array:
-    """Number of correctly classified examples where mask is true."""
+    """Number of correctly classified examples where mask is true (inputs as in train_step)."""
     TRACE_COUNTS["count_correct"] += 1
-    logits = vit.forward(_merge(trainable, frozen), images, structure)
+    logits = vit.forward_from(_merge(trainable, frozen), images, structure, start_layer)
     correct = (jnp.argmax(logits, axis=-1) == labels) & mask
     return jnp.sum(correct)
 

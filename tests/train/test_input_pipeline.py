@@ -63,8 +63,8 @@ def test_the_guard_is_live_in_the_step_loop(guarded, monkeypatch):
     monkeypatch.setattr(loop._TrainInputs, "make",
                         lambda self, batch, device, size: np.asarray(make(self, batch, device, size)))
     structure = PathStructure(TEST_SIZE, 1, 8, 3, (), 8)
-    with pytest.raises(Exception, match="[Dd]isallowed host-to-device transfer"):
-        loop.train_candidates([_plan(structure, {"head"})], _data(), SETTINGS, {}, seed=0)
+    with pytest.raises(Exception, match="[Dd]isallowed host-to-device transfer"):  # augmented: no latent cache
+        loop.train_candidates([_plan(structure, {"head"})], _data(), SETTINGS, AUGMENTED, seed=0)
 
 
 def test_new_hyperparameters_and_magnitudes_of_seen_structures_compile_nothing(guarded):
