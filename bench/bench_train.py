@@ -9,7 +9,9 @@ Measures, in one run and on identical device-resident random batches:
                 trainable (the same work as (a));
   (c) partial   the engine step with only the last block(s), `encoder_norm`
                 and `head` trainable, the rest a frozen, non-differentiated
-                argument.
+                argument;
+  (d) bf16      (b) computing in bfloat16 (`compute_dtype`), float32
+                parameters and optimizer state.
 
 For context it also times the host input path the training loop runs
 synchronously before every step: `preprocess_eval` of uint8 images
@@ -221,6 +223,9 @@ def run(args: argparse.Namespace) -> dict:
             f"engine step, head+encoder_norm+last {args.trainable_blocks} block(s) trainable",
             structure, trainable, frozen, batches, device, total_steps,
         ),
+        engine_variant("bf16", "engine step, all trainable, bfloat16 compute (float32 params)",
+                       dataclasses.replace(structure, compute_dtype="bfloat16"), params, {}, batches, device,
+                       total_steps),
     ]
     for variant in variants:
         compile_variant(variant)
@@ -268,6 +273,8 @@ def run(args: argparse.Namespace) -> dict:
     }
     results["ratio_engine"] = results["variants"]["engine"]["ratio_to_baseline"]
     results["ratio_partial"] = results["variants"]["partial"]["ratio_to_baseline"]
+    results["ratio_bf16_over_engine"] = round(
+        results["variants"]["bf16"]["images_per_s"] / results["variants"]["engine"]["images_per_s"], 3)
     return results
 
 
@@ -288,7 +295,8 @@ def print_table(results: dict) -> None:
           f"{'':>7}  {host['description']} (not a train step)")
     goal = "meets" if results["ratio_engine"] >= 0.95 else "BELOW"
     print(f"engine/baseline = {results['ratio_engine']:.3f} ({goal} the 0.95 goal); "
-          f"partial/baseline = {results['ratio_partial']:.3f}")
+          f"partial/baseline = {results['ratio_partial']:.3f}; "
+          f"bf16/engine (float32) = {results['ratio_bf16_over_engine']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:

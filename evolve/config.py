@@ -35,6 +35,8 @@ VIT_SIZES: dict[str, ViTSize] = {
     "L/16": ViTSize("L/16", patch_size=16, hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096),
 }
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
 # Discrete grids; a mutation moves one step (DESIGN §3.3).
 LEARNING_RATES = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 WARMUP_FRACTIONS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
@@ -118,6 +120,14 @@ class SearchConfig:
     # Successive halving inside a generation (0: off): after this many rounds
     # the better half of the candidates trains on with the others' rounds.
     halving_round: int = 0
+    # The dtype of the forward and backward passes: "float32", or "bfloat16"
+    # (parameters, gradients and optimizer state stay float32). float32 is the
+    # default: bfloat16 is slower on the CPU (bench/bench_train.py --compute-dtype).
+    compute_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
 
     @property
     def layer_limit(self) -> int:

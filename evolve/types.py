@@ -69,6 +69,9 @@ class PathStructure:
     num_classes: int
     adapter_layers: tuple[int, ...] = ()
     adapter_dim: int = 32
+    # The dtype the forward pass computes in ("float32" or "bfloat16", from
+    # SearchConfig.compute_dtype); parameters and optimizer state stay float32.
+    compute_dtype: str = "float32"
 
     def component_names(self) -> tuple[str, ...]:
         """Component names in forward order."""

@@ -22,6 +22,7 @@ class MultiHeadDotProductAttention(nn.Module):
     """Self-attention with vit_jax's query/key/value/out DenseGeneral layout."""
 
     num_heads: int
+    dtype: Any = None  # compute dtype (None: that of the inputs and parameters)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -29,23 +30,24 @@ class MultiHeadDotProductAttention(nn.Module):
         head_dim = hidden // self.num_heads
 
         def project(name: str) -> jax.Array:
-            return nn.DenseGeneral((self.num_heads, head_dim), name=name)(x)
+            return nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)(x)
 
         query, key, value = project("query"), project("key"), project("value")
         # [batch, tokens, heads, head_dim] is the layout dot_product_attention expects.
         attended = jax.nn.dot_product_attention(query, key, value)
-        return nn.DenseGeneral(hidden, axis=(-2, -1), name="out")(attended)
+        return nn.DenseGeneral(hidden, axis=(-2, -1), dtype=self.dtype, name="out")(attended)
 
 
 class MlpBlock(nn.Module):
     mlp_dim: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = x.shape[-1]
-        y = nn.Dense(self.mlp_dim, name="Dense_0")(x)
+        y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
         y = nn.gelu(y, approximate=False)
-        return nn.Dense(hidden, name="Dense_1")(y)
+        return nn.Dense(hidden, dtype=self.dtype, name="Dense_1")(y)
 
 
 class EncoderBlock(nn.Module):
@@ -53,14 +55,15 @@ class EncoderBlock(nn.Module):
 
     num_heads: int
     mlp_dim: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nn.LayerNorm(name="LayerNorm_0")(x)
-        y = MultiHeadDotProductAttention(self.num_heads, name="MultiHeadDotProductAttention_1")(y)
+        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
+        y = MultiHeadDotProductAttention(self.num_heads, self.dtype, name="MultiHeadDotProductAttention_1")(y)
         x = x + y
-        y = nn.LayerNorm(name="LayerNorm_2")(x)
-        y = MlpBlock(self.mlp_dim, name="MlpBlock_3")(y)
+        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
+        y = MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_3")(y)
         return x + y
 
 
@@ -68,19 +71,27 @@ class ResidualAdapter(nn.Module):
     """LayerNorm -> Dense down -> GELU -> Dense up (zero-initialised up)."""
 
     adapter_dim: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = x.shape[-1]
-        y = nn.LayerNorm(name="LayerNorm_0")(x)
-        y = nn.Dense(self.adapter_dim, name="down")(y)
+        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
+        y = nn.Dense(self.adapter_dim, dtype=self.dtype, name="down")(y)
         y = nn.gelu(y, approximate=False)
-        return nn.Dense(hidden, kernel_init=nn.initializers.zeros, name="up")(y)
+        return nn.Dense(hidden, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="up")(y)
 
 
-def _embedding(size: ViTSize) -> nn.Module:
+def _embedding(size: ViTSize, dtype: Any = None) -> nn.Module:
     patch = (size.patch_size, size.patch_size)
-    return nn.Conv(size.hidden_size, patch, strides=patch, padding="VALID")
+    return nn.Conv(size.hidden_size, patch, strides=patch, padding="VALID", dtype=dtype)
+
+
+def compute_dtype(structure: PathStructure) -> Any:
+    """The dtype a structure computes in (config.COMPUTE_DTYPES), None for
+    float32: flax's default, so float32 programs are as before. Parameters
+    stay float32 whatever it is."""
+    return None if structure.compute_dtype == "float32" else jnp.dtype(structure.compute_dtype)
 
 
 def num_tokens(size: ViTSize, image_size: int) -> int:
@@ -169,31 +180,34 @@ def forward_from(params: Mapping[str, Params], inputs: jax.Array, structure: Pat
     first `start_layer` encoder layers made (`prefix_tokens`)."""
     tokens = embed(params, inputs, structure) if start_layer is None else inputs
     tokens = run_layers(params, tokens, structure, 0 if start_layer is None else start_layer, structure.num_layers)
-    head = nn.Dense(structure.num_classes)
-    return head.apply({"params": params["head"]}, readout(params, tokens))
+    head = nn.Dense(structure.num_classes, dtype=compute_dtype(structure))
+    return head.apply({"params": params["head"]}, readout(params, tokens, structure)).astype(jnp.float32)
 
 
 def encode(params: Mapping[str, Params], images: jax.Array, structure: PathStructure) -> jax.Array:
     """The body's features (normalised class token, [B, hidden]): everything before `head`."""
     tokens = run_layers(params, embed(params, images, structure), structure, 0, structure.num_layers)
-    return readout(params, tokens)
+    return readout(params, tokens, structure).astype(jnp.float32)
 
 
 def embed(params: Mapping[str, Params], images: jax.Array, structure: PathStructure) -> jax.Array:
     """Patch embedding, class token and position embeddings: [B, tokens, hidden]."""
-    size = structure.size
-    x = _embedding(size).apply({"params": params["embedding"]}, images)
+    size, dtype = structure.size, compute_dtype(structure)
+    if dtype is not None:
+        images = images.astype(dtype)
+    x = _embedding(size, dtype).apply({"params": params["embedding"]}, images)
     batch = x.shape[0]
     x = x.reshape(batch, -1, size.hidden_size)
-    cls = jnp.broadcast_to(params["cls"]["cls"], (batch, 1, size.hidden_size))
+    cls = jnp.broadcast_to(params["cls"]["cls"].astype(x.dtype), (batch, 1, size.hidden_size))
     x = jnp.concatenate([cls, x], axis=1)
-    return x + params["posembed_input"]["pos_embedding"]
+    return x + params["posembed_input"]["pos_embedding"].astype(x.dtype)
 
 
 def run_layers(params: Mapping[str, Params], x: jax.Array, structure: PathStructure, start: int, stop: int) -> jax.Array:
     """Encoder layers start..stop-1, each with its residual adapter first where it has one."""
-    block = EncoderBlock(structure.size.num_heads, structure.size.mlp_dim)
-    adapter = ResidualAdapter(structure.adapter_dim)
+    dtype = compute_dtype(structure)
+    block = EncoderBlock(structure.size.num_heads, structure.size.mlp_dim, dtype)
+    adapter = ResidualAdapter(structure.adapter_dim, dtype)
     for i in range(start, stop):
         if i in structure.adapter_layers:
             x = x + adapter.apply({"params": params[f"residual_adapter_{i}"]}, x)
@@ -201,9 +215,9 @@ def run_layers(params: Mapping[str, Params], x: jax.Array, structure: PathStruct
     return x
 
 
-def readout(params: Mapping[str, Params], tokens: jax.Array) -> jax.Array:
+def readout(params: Mapping[str, Params], tokens: jax.Array, structure: PathStructure) -> jax.Array:
     """The normalised class token."""
-    return nn.LayerNorm().apply({"params": params["encoder_norm"]}, tokens)[:, 0]
+    return nn.LayerNorm(dtype=compute_dtype(structure)).apply({"params": params["encoder_norm"]}, tokens)[:, 0]
 
 
 # ---- frozen prefixes (DESIGN §4, frozen-prefix economics) ---------------------

@@ -45,6 +45,7 @@ def structure_of(config: SearchConfig, num_classes: int, hparams: Mapping[str, A
         num_classes=num_classes,
         adapter_layers=tuple(sorted(adapter_index(n) for n in names if n.startswith("residual_adapter_"))),
         adapter_dim=int(hparams["adapter_dim"]),
+        compute_dtype=config.compute_dtype,
     )
 
 

@@ -271,9 +271,10 @@ class _Prefix:
         return vit.prefix_names(self.structure)
 
     def feature_bytes(self, examples: int) -> int:
-        """Device bytes of `examples` examples' features (float32 tokens)."""
+        """Device bytes of `examples` examples' features (tokens in the compute dtype)."""
         size = self.structure.size
-        return examples * vit.num_tokens(size, self.structure.image_size) * size.hidden_size * 4
+        itemsize = np.dtype(vit.compute_dtype(self.structure) or np.float32).itemsize
+        return examples * vit.num_tokens(size, self.structure.image_size) * size.hidden_size * itemsize
 
 
 class _CandidateState:
