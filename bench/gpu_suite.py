@@ -17,7 +17,9 @@ What each entry compares (each benchmark's docstring says more):
   - bench_input:  device input pipeline vs host numpy vs a train step, at
                   224 from 375x500-like sources;
   - bench_prefix: a generation of candidates sharing a frozen prefix, whole
-                  model vs shared prefix vs latent replay.
+                  model vs shared prefix vs latent replay;
+  - bench_attention: float32 vs bfloat16 step, and whether XLA picked cuDNN's
+                  fused attention.
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ GPU_PLAN = (
                                               "--batch", "128"], 90),
     ("prefix_b16_224", "bench_prefix.py", ["--size", "B/16", "--image-size", "224", "--batch", "128",
                                            "--examples", "4096", "--steps-per-round", "32", "--repeats", "1"], 180),
+    ("attention_b16_224", "bench_attention.py", ["--size", "B/16", "--image-size", "224", "--batch", "128"], 120),
 )
 QUICK_PLAN = (
     ("train_tiny", "bench_train.py", ["--rounds", "2", "--json"], 240),
     ("input_tiny", "bench_input.py", ["--seconds", "1"], 120),
     ("prefix_tiny", "bench_prefix.py", ["--repeats", "1", "--steps-per-round", "32"], 240),
+    ("attention_tiny", "bench_attention.py", [], 120),
 )
 
 
