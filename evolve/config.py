@@ -25,6 +25,9 @@ SERVING_MAX_YIELD_SECONDS = 0.05
 # of the training and validation examples are computed once per generation and
 # kept on the device, up to this many bytes in all (the rest recompute per step).
 LATENT_CACHE_BYTES = 2 << 30
+# Frozen components stay on the device across generations and searches (train.
+# loop.RESIDENT), the least recently used dropped beyond this many bytes.
+RESIDENT_FROZEN_BYTES = 2 << 30
 
 VIT_SIZES: dict[str, ViTSize] = {
     # A CPU size for tests and the demo: patch 4 on 16x16 images.

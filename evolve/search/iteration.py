@@ -321,6 +321,7 @@ class TaskIteration:
         population = selection.prune(population, self.config.population_size)
         self.system.populations[self.task] = [p.id for p in population]
         self.system.collect_garbage()
+        loop.RESIDENT.retain(c.params for c in self.system.components.values())
         return population
 
     def _adopt(self, item: Planned, result: loop.TrainResult, generation: int) -> Path | None:

@@ -8,6 +8,7 @@ All candidates of a generation see the same input batches.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -15,13 +16,13 @@ import math
 import queue
 import threading
 import time
-from typing import Any, Callable, Hashable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Hashable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evolve.config import AUGMENTATION_OFF, LATENT_CACHE_BYTES
+from evolve.config import AUGMENTATION_OFF, LATENT_CACHE_BYTES, RESIDENT_FROZEN_BYTES
 from evolve.data import ImageSet, TaskData, batch_indices, preprocess_device
 from evolve.data.preprocess import jpeg_jitter
 from evolve.data.preprocess_device import Augmentation
@@ -243,6 +244,69 @@ def accuracy_of(counts: Sequence[jax.Array], examples: int) -> float:
     return correct / max(examples, 1)
 
 
+class ResidentParams:
+    """Device copies of frozen components, kept across generations and
+    searches so that a component shared by many candidates is uploaded once
+    per device (DESIGN §4). Components are immutable: an entry is keyed by
+    the identity of the component's host parameter tree and holds a
+    reference to it, so a key cannot be reused by another tree while the
+    entry lives. The least recently used entries go beyond `max_bytes`."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._entries: collections.OrderedDict[tuple[int, jax.Device], tuple[Any, Any, int]] = (
+            collections.OrderedDict())
+        self._lock = threading.Lock()
+        self.bytes = self.hits = self.misses = 0
+
+    def get(self, params: Params, device: jax.Device) -> Any:
+        """`params` on `device`: the resident copy, or a new upload (kept when it fits)."""
+        key = (id(params), device)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry[1]
+            self.misses += 1
+        on_device = jax.device_put(params, device)
+        size = sum(leaf.nbytes for leaf in jax.tree.leaves(on_device))
+        with self._lock:
+            if size <= self.max_bytes and key not in self._entries:
+                self._entries[key] = (params, on_device, size)
+                self.bytes += size
+                while self.bytes > self.max_bytes:
+                    _, (_, _, dropped) = self._entries.popitem(last=False)
+                    self.bytes -= dropped
+        return on_device
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+    def retain(self, live: Iterable[Params]) -> None:
+        """Drops the copies of every parameter tree not in `live` (the
+        components a system still has), freeing them and their host trees."""
+        keep = {id(params) for params in live}
+        with self._lock:
+            for key in [k for k in self._entries if k[0] not in keep]:
+                self.bytes -= self._entries.pop(key)[2]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+RESIDENT = ResidentParams(RESIDENT_FROZEN_BYTES)
+
+
+def _frozen_on_device(plan: CandidatePlan, names: Sequence[str], device: jax.Device) -> dict[str, Any]:
+    """The plan's frozen components `names` on `device`: those of the system
+    (with a component id) from RESIDENT, the others uploaded."""
+    return {name: RESIDENT.get(plan.frozen[name], device) if name in plan.frozen_ids
+            else jax.device_put(plan.frozen[name], device) for name in names}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Prefix:
     """A candidate's frozen prefix (DESIGN §4): the stem and the leading
@@ -289,9 +353,9 @@ class _CandidateState:
         self.trainable = jax.device_put(plan.trainable, device)
         self.prefix = _Prefix.of(plan)
         prefix_names = set(self.prefix.names) if self.prefix is not None else set()
-        self.prefix_params = jax.device_put({n: plan.frozen[n] for n in sorted(prefix_names)}, device)
+        self.prefix_params = _frozen_on_device(plan, sorted(prefix_names), device)
         self.start_layer = self.prefix.layers if self.prefix is not None else None
-        self.frozen = jax.device_put({n: p for n, p in plan.frozen.items() if n not in prefix_names}, device)
+        self.frozen = _frozen_on_device(plan, [n for n in plan.frozen if n not in prefix_names], device)
         opt_state = optimizer.make_optimizer(self.nesterov).init(self.trainable)
         trace = optimizer.momentum_trace(opt_state)
         inherited = {name: plan.momentum.get(name, trace[name]) for name in trace}

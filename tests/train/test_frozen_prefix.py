@@ -145,3 +145,26 @@ def test_the_latent_cache_keeps_to_its_byte_bound():
     assert not loop.LatentCache.build(states, data, SETTINGS, False).train  # augmentation on: nothing cached
     table = next(iter(both.train.values()))
     assert table.shape == (96, vit.num_tokens(TEST_SIZE, 8), TEST_SIZE.hidden_size)
+
+
+def test_frozen_components_stay_on_the_device_across_generations(monkeypatch):
+    """A system component (one with an id) frozen in two generations is
+    uploaded once; the copy is dropped beyond the byte bound and when the
+    system no longer has the component."""
+    resident = loop.ResidentParams(1 << 30)
+    monkeypatch.setattr(loop, "RESIDENT", resident)
+    first = _with_ids(_plan(STRUCTURE, TOP, 0))
+    loop.train_candidates([first], _data(), SETTINGS, AUGMENTED, seed=0)
+    uploaded = len(resident)
+    assert uploaded == len(first.frozen) and resident.misses == uploaded
+    second = _with_ids(_plan(STRUCTURE, TOP | {"encoder_norm"}, 1))
+    second.frozen = first.frozen  # the same components, as a later generation drafts them
+    state = loop._CandidateState(second, jax.devices()[0], 8, 2)
+    assert resident.misses == uploaded and resident.hits == uploaded
+    assert state.prefix_params["embedding"] is resident.get(first.frozen["embedding"], jax.devices()[0])
+    resident.retain([first.frozen["embedding"]])
+    assert len(resident) == 1
+    small = loop.ResidentParams(resident.bytes // 2)
+    for params in first.frozen.values():
+        small.get(params, jax.devices()[0])
+    assert small.bytes <= small.max_bytes and 0 < len(small) < len(first.frozen)
