@@ -125,7 +125,7 @@ class SearchConfig:
     halving_round: int = 0
     # The dtype of the forward and backward passes: "float32", or "bfloat16"
     # (parameters, gradients and optimizer state stay float32). float32 is the
-    # default: bfloat16 is slower on the CPU (bench/bench_train.py --compute-dtype).
+    # default: bfloat16 is slower on the CPU (bench/bench_train.py, variant bf16).
     compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:

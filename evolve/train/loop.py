@@ -111,6 +111,11 @@ class Batch(NamedTuple):
     indices: Any
 
 
+def jpeg_quality(data_hparams: Mapping[str, HyperValue]) -> float:
+    """The generation's JPEG jitter (0: none); it runs on the host, in `_Batches`."""
+    return float(data_hparams.get("jpeg_quality", AUGMENTATION_OFF["jpeg_quality"]))
+
+
 class _Batches:
     """The generation's shared training batches, as the host makes them (JPEG
     jitter is applied here when asked: that needs a codec)."""
@@ -122,7 +127,7 @@ class _Batches:
         self._train = train
         self._indices = batch_indices(len(train), batch_size, int(shuffle_seed.generate_state(1)[0]))
         self._with_images = with_images
-        self._jpeg_quality = float(data_hparams.get("jpeg_quality", AUGMENTATION_OFF["jpeg_quality"]))
+        self._jpeg_quality = jpeg_quality(data_hparams)
         self._jpeg_rng = np.random.default_rng(jpeg_seed)
         self._key_rng = np.random.default_rng(key_seed)
 
@@ -191,7 +196,7 @@ class _TrainInputs:
 
     def __init__(self, data_hparams: Mapping[str, HyperValue], devices: Sequence[jax.Device]):
         self.augmentation = Augmentation.of(data_hparams)
-        self._jpeg = float(data_hparams.get("jpeg_quality", AUGMENTATION_OFF["jpeg_quality"])) > 0
+        self._jpeg = jpeg_quality(data_hparams) > 0
         values = preprocess_device.magnitudes(data_hparams)
         self._values = {device: jax.device_put(values, device) for device in devices}
 
@@ -279,11 +284,6 @@ class ResidentParams:
                     _, (_, _, dropped) = self._entries.popitem(last=False)
                     self.bytes -= dropped
         return on_device
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.bytes = 0
 
     def retain(self, live: Iterable[Params]) -> None:
         """Drops the copies of every parameter tree not in `live` (the
@@ -519,8 +519,7 @@ class LatentCache:
                     continue
                 cache.bytes += need
                 train = _prefix_batches(lead, data.train, size, settings.eval_batch_size)
-                cache.train[(device, key)] = jnp.concatenate(train)[: len(data.train)] if len(train) > 1 else (
-                    train[0][: len(data.train)])
+                cache.train[(device, key)] = jnp.concatenate(train)[: len(data.train)]
                 cache.validation[(device, key)] = _prefix_batches(lead, data.validation, size,
                                                                   settings.eval_batch_size)
         return cache
@@ -604,10 +603,14 @@ def _validate(groups: Groups, latent: LatentCache, validation: ImageSet, eval_ba
     reads them all."""
     ordered = [state for by_features in groups.values() for group in by_features.values() for state in group]
     totals: dict[int, list[jax.Array]] = {id(state): [] for state in ordered}
-    devices = list(dict.fromkeys(device for device, _ in groups))
+    # Images go only to the devices where some candidate computes from them.
+    needs_images = {device: False for device, _ in groups}
+    for (device, _), by_features in groups.items():
+        needs_images[device] |= any((device, key) not in latent.validation for key in by_features)
     batches = _padded_eval_batches(validation.images, validation.labels, eval_batch_size)
     for index, (x, y, mask) in enumerate(batches):
-        on_device = {device: jax.device_put((x, y, mask), device) for device in devices}
+        on_device = {device: jax.device_put((x if images else None, y, mask), device)
+                     for device, images in needs_images.items()}
         for (device, size), by_features in groups.items():
             images, labels, valid = on_device[device]
             batch_inputs = None

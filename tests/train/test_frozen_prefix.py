@@ -120,10 +120,16 @@ def test_latent_replay_caches_the_prefix_once_and_trains_the_same(monkeypatch):
     monkeypatch.setattr(loop, "STEP_LOOP_TRANSFER_GUARD", "disallow")
     made = []
     monkeypatch.setattr(loop._TrainInputs, "make", lambda *a: made.append(1) or pytest.fail("inputs made"))
+    image_uploads = []
+    device_put = jax.device_put
+    monkeypatch.setattr(loop.jax, "device_put", lambda tree, *a: image_uploads.extend(
+        leaf.shape for leaf in jax.tree.leaves(tree) if getattr(leaf, "dtype", None) == np.uint8) or device_put(tree, *a))
     plans = [_with_ids(_plan(STRUCTURE, TOP, 0)), _with_ids(_plan(STRUCTURE, TOP | {"encoderblock_1"}, 0))]
     cached = loop.train_candidates(plans, _data(), SETTINGS, {}, seed=7)
     # Two prefixes (3 and 1 layers), each over train (2 batches of 64) and validation (2).
     assert len(prefixes) == 2 * 4 and not made
+    # Images are uploaded only to build the cache: no training or validation batch carries them.
+    assert len(image_uploads) == 2 * 4
     monkeypatch.undo()
     settings = dataclasses.replace(SETTINGS, latent_cache_bytes=0)
     per_step = loop.train_candidates([_with_ids(_plan(STRUCTURE, TOP, 0)),
