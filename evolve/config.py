@@ -123,6 +123,10 @@ class SearchConfig:
     # Successive halving inside a generation (0: off): after this many rounds
     # the better half of the candidates trains on with the others' rounds.
     halving_round: int = 0
+    # The path a search ends with (one-standard-error rule, 0: off): the one
+    # charged the fewest parameters among those whose validation accuracy is
+    # within parsimony_z binomial standard errors of the best's.
+    parsimony_z: float = 0.0
     # The dtype of the forward and backward passes: "float32", or "bfloat16"
     # (parameters, gradients and optimizer state stay float32). float32 is the
     # default: bfloat16 is slower on the CPU (bench/bench_train.py, variant bf16).
@@ -131,6 +135,9 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.default_image_size not in self.image_sizes:
+            raise ValueError(f"default_image_size {self.default_image_size} is not one of image_sizes "
+                             f"{tuple(self.image_sizes)}")
 
     @property
     def layer_limit(self) -> int:

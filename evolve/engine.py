@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 
 from evolve import checkpoint, statedir
+from evolve.batching import MicroBatcher
 from evolve.config import SERVING_EXECUTABLES, SERVING_MAX_YIELD_SECONDS, TRAINING_EXECUTABLES, SearchConfig
 from evolve.data import DataLimits, TaskData, check_task_source, load_task_data, preprocess_eval
 from evolve.data.arrays import ValidationSplit
@@ -70,6 +72,10 @@ class EngineOptions:
     # (0: none), and every bucket a client has used, is compiled before a path serves.
     warm_up_batch: int = 1
     serving_max_yield_seconds: float = SERVING_MAX_YIELD_SECONDS  # Predict before training (train.priority)
+    # Concurrent Predict calls of one task run as one device call (evolve.batching):
+    # those that arrive while the task's previous call runs, plus, with a window > 0,
+    # those that arrive within it. None: every call runs alone.
+    predict_batch_window_seconds: float | None = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +218,8 @@ class Engine:
         self.devices = list(devices or jax.local_devices())
         self.options = options
         self.priority = ServingPriority(max_wait_seconds=options.serving_max_yield_seconds)
+        window = options.predict_batch_window_seconds
+        self.batcher = None if window is None else MicroBatcher(options.max_predict_batch, window)
         steps.set_compiled_bounds(training=options.max_compiled_structures, serving=options.max_compiled_predicts)
         self._on_event = on_event
         self._lock = threading.RLock()
@@ -514,7 +522,7 @@ class Engine:
         first, outside the lock: once READY, its first Predict is fast."""
         if not population:
             raise RuntimeError("the search produced no path")
-        best = selection.prune(population, 1)[0]
+        best = self._final_choice(task, population, data)
         warmed = self._warm_up_path(task, best)
         with self._lock:
             before = self.system.snapshot()
@@ -544,6 +552,18 @@ class Engine:
         if written is not None:
             emit(CheckpointWritten(task, written.step, self.state_dir, written.new_components))
         return best
+
+    def _final_choice(self, task: str, population: list[Path], data: TaskData) -> Path:
+        config = self.system.config
+        examples = min(len(data.validation), config.validation_examples)
+        chosen = selection.final_choice(population, examples, config.parsimony_z)
+        top = selection.prune(population, 1)[0]
+        if chosen is not top:
+            logger.info("task %s: serving %s (validation %.4f, %.0f parameters) over the best %s (%.4f, %.0f): "
+                        "within %.1f standard errors of %d validation images", task, chosen.id, chosen.quality,
+                        chosen.accounted_params, top.id, top.quality, top.accounted_params, config.parsimony_z,
+                        examples)
+        return chosen
 
     def _structure(self, task: str, path: Path) -> PathStructure:
         return structure_of(self.system.config, self.system.tasks[task].num_classes, path.hparams, list(path.components))
@@ -675,12 +695,20 @@ class Engine:
         batch = _as_uint8_images(images, self.options.max_predict_batch, self.options.data_limits.max_image_side)
         with self.priority.serving():  # a running search waits between its steps
             inputs = preprocess_eval(batch, served.structure.image_size)
-            bucket = _bucket(len(inputs))
-            self._used_buckets.add(bucket)  # warmed at the next restart or new path
-            padded = np.zeros((bucket,) + inputs.shape[1:], np.float32)
-            padded[: len(inputs)] = inputs
-            probabilities = np.asarray(self._run_predict(served, padded))
-        return Prediction(task, served.version, probabilities[: len(inputs)], served.class_names)
+            compute = functools.partial(self._predict_rows, served)
+            if self.batcher is None:
+                probabilities = compute(inputs)
+            else:  # id(served): the batch's compute holds it, so no other model can share the id meanwhile
+                probabilities = self.batcher.run((task, id(served)), inputs, compute)
+        return Prediction(task, served.version, probabilities, served.class_names)
+
+    def _predict_rows(self, served: ServedModel, inputs: np.ndarray) -> np.ndarray:
+        """Probabilities of preprocessed inputs, padded to their batch bucket."""
+        bucket = _bucket(len(inputs))
+        self._used_buckets.add(bucket)  # warmed at the next restart or new path
+        padded = np.zeros((bucket,) + inputs.shape[1:], np.float32)
+        padded[: len(inputs)] = inputs
+        return np.asarray(self._run_predict(served, padded))[: len(inputs)]
 
     # ---- checkpoints and inspection -----------------------------------------
 

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -64,6 +65,7 @@ class ServerOptions:
     max_compiled_steps: int = TRAINING_EXECUTABLES
     max_compiled_predicts: int = SERVING_EXECUTABLES
     serving_max_yield_ms: float = SERVING_MAX_YIELD_SECONDS * 1000  # a search's wait per step for Predict; 0: none
+    predict_batch_window_ms: float = 0.0  # concurrent Predicts of a task batched (evolve.batching); < 0: off
     port_file: str | None = None
     log_level: str = "INFO"
     startup_delay_seconds: float = 0.0  # for tests of the NOT_SERVING phase
@@ -164,6 +166,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="Predict before training: while a Predict call is in flight, a running search waits before its "
              "next step, at most this long per step (so it slows under constant traffic, never stops); 0: "
              "searches never wait [EVOLVE_SERVING_MAX_YIELD_MS, %(default)s]")
+    add("--predict-batch-window-ms", type=float,
+        default=float(_env("PREDICT_BATCH_WINDOW_MS", defaults.predict_batch_window_ms)),
+        help="Predict calls for one task that arrive while its previous call runs are run as one batch; with a "
+             "window > 0 a call also waits this long for others to join; negative: every call runs alone "
+             "[EVOLVE_PREDICT_BATCH_WINDOW_MS, %(default)s]")
     add("--port-file", default=_env("PORT_FILE"),
         help="write the bound port to this file once listening (for supervisors and tests)")
     add("--log-level", default=_env("LOG_LEVEL", defaults.log_level), help="[EVOLVE_LOG_LEVEL, %(default)s]")
@@ -250,7 +257,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         workers=args.workers, compilation_cache_dir=args.compilation_cache_dir,
         compilation_cache_mb=args.compilation_cache_mb, port_file=args.port_file,
         max_compiled_steps=args.max_compiled_steps, max_compiled_predicts=args.max_compiled_predicts,
-        serving_max_yield_ms=args.serving_max_yield_ms, log_level=args.log_level,
+        serving_max_yield_ms=args.serving_max_yield_ms, predict_batch_window_ms=args.predict_batch_window_ms,
+        log_level=args.log_level,
         startup_delay_seconds=args.startup_delay_seconds, min_free_mb=args.min_free_mb,
         max_waits_per_client=args.max_waits_per_client, max_data_mb=args.max_data_mb,
         allow_download=bool(args.allow_download),
@@ -281,6 +289,8 @@ def validate_options(options: ServerOptions) -> None:
         raise ValueError("--min-free-mb must not be negative")
     if not options.serving_max_yield_ms >= 0:
         raise ValueError("--serving-max-yield-ms must not be negative")
+    if math.isnan(options.predict_batch_window_ms):
+        raise ValueError("--predict-batch-window-ms must be a number")
     if options.compilation_cache_mb < 0:
         raise ValueError("--compilation-cache-mb must not be negative")
     if options.devices < 0:
@@ -650,6 +660,8 @@ def load_backend(options: ServerOptions):
         max_train_examples=options.max_train_examples, seed=options.seed, min_free_bytes=options.min_free_mb << 20,
         max_compiled_structures=options.max_compiled_steps, max_compiled_predicts=options.max_compiled_predicts,
         serving_max_yield_seconds=options.serving_max_yield_ms / 1000.0,
+        predict_batch_window_seconds=(options.predict_batch_window_ms / 1000.0
+                                      if options.predict_batch_window_ms >= 0 else None),
         data_limits=DataLimits(max_decompressed_bytes=options.max_data_mb << 20, allow_download=options.allow_download),
     )
     engine = Engine.restore(state_dir, devices=devices, options=engine_options)

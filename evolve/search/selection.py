@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -30,3 +31,29 @@ def prune(population: Sequence[Path], size: int) -> list[Path]:
         reverse=True,
     )
     return list(ranked[:size])
+
+
+def quality_margin(quality: float, examples: int, z: float) -> float:
+    """z binomial standard errors of a validation accuracy measured on
+    `examples` images (at least one image's worth when quality is 0 or 1)."""
+    variance = max(quality * (1.0 - quality), 1.0 / examples)
+    return z * math.sqrt(variance / examples)
+
+
+def final_choice(population: Sequence[Path], validation_examples: int, z: float) -> Path:
+    """The path a search ends with (DESIGN §3b).
+
+    With z = 0, the best by score. With z > 0, the one-standard-error rule:
+    of the paths whose validation quality is within z standard errors of the
+    best's, the one charged the fewest parameters (then the better, then the
+    newer). A difference the validation split cannot tell from noise does not
+    buy a larger model.
+    """
+    best = prune(population, 1)[0]
+    if z <= 0 or best.quality is None or validation_examples <= 0:
+        return best
+    bar = best.quality - quality_margin(best.quality, validation_examples, z)
+    close = [p for p in population if p.quality is not None and p.accounted_params is not None and p.quality >= bar]
+    if not close:
+        return best
+    return min(close, key=lambda p: (p.accounted_params, -(p.quality or 0.0), -p.generation))

@@ -322,3 +322,18 @@ def test_with_one_candidate_per_generation_the_first_trains_a_sharing_and_a_fine
     assert [e.generation for e in scored] == [0, 0, 1]
     first = [e for e in scored if e.generation == 0]
     assert "clone:all" not in first[0].mutations and first[1].mutations[-1] == "clone:all"
+
+
+def test_with_parsimony_a_search_serves_its_smallest_path_within_the_margin():
+    """parsimony_z so large that every kept candidate is within the margin: the
+    served path is the kept candidate charged the fewest parameters, not the best."""
+    engine = Engine.create(tiny_config(parsimony_z=1e6, generations=2, train_rounds=1, examples_per_round=64))
+    for component in engine.system.components.values():
+        component.trained = True  # a root worth sharing frozen
+    events = []
+    engine.add_task(TaskSpec("digits", BundledSource("digits")))
+    engine.run_search("digits", on_event=events.append)
+    kept = [e for e in events if isinstance(e, CandidateScored) and e.accepted_into_population]
+    assert len({e.params for e in kept}) > 1, "the test needs candidates of different sizes"
+    smallest = min(kept, key=lambda e: e.params)
+    assert engine.system.best["digits"] == smallest.path_id
