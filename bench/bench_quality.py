@@ -65,7 +65,7 @@ from evolve.types import NpzSource, PathStructure, SearchBudget, TaskSpec, ViTSi
 
 logger = logging.getLogger("bench_quality")
 
-IMAGE_SIZE = 16
+PIXEL_SIZE = 16  # side of the classical baselines' grey-pixel features
 PREDICT_CHUNK = 1024  # the engine's max_predict_batch
 EVAL_BATCH = 512
 SCAN_STEPS = 100  # baseline train steps per jitted call (lax.scan)
@@ -93,6 +93,7 @@ class BenchOptions:
     data_dir: str | None
     baseline_cache: str | None = None
     evolved_only: bool = False
+    baselines_only: bool = False
     overrides: tuple[tuple[str, str], ...] = ()
 
 
@@ -127,6 +128,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
                         help="override a field of the engine's tiny configuration (repeatable), e.g. default_mu=0.2")
     parser.add_argument("--evolved-only", action="store_true",
                         help="skip the ViT baselines unless --baseline-cache has them (for iterating on the engine)")
+    parser.add_argument("--baselines-only", action="store_true",
+                        help="train (and cache) the ViT and classical baselines, print them and stop: they can "
+                             "then run in their own process beside an --evolved-only run")
     parser.add_argument("--baseline-cache", default=None,
                         help="directory caching the scratch / fine-tune results per seed and recipe (they do not "
                              "depend on the engine), so that engine changes can be measured without retraining them")
@@ -144,8 +148,11 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         data_dir=args.data_dir,
         baseline_cache=args.baseline_cache,
         evolved_only=args.evolved_only,
+        baselines_only=args.baselines_only,
         overrides=tuple(tuple(item.split("=", 1)) for item in args.set),
     )
+    if options.evolved_only and options.baselines_only:
+        parser.error("--evolved-only and --baselines-only exclude each other")
     if options.baseline_steps < 0 or options.baseline_batch < 1 or min(options.generations) < 1:
         parser.error("--baseline-steps must not be negative; --baseline-batch and --generations must be positive")
     return options
@@ -202,8 +209,8 @@ class PreparedTask:
 
 
 def grey_pixels(images: np.ndarray) -> np.ndarray:
-    """uint8 images -> N x 256 features: resized to 16x16 (as the model sees them), grey, in [0, 1]."""
-    inputs = preprocess_eval(images, IMAGE_SIZE)
+    """uint8 images -> N x 256 features: resized to 16x16, grey, in [0, 1]."""
+    inputs = preprocess_eval(images, PIXEL_SIZE)
     return ((inputs[..., 0] + 1.0) / 2.0).reshape(len(images), -1).astype(np.float64)
 
 
@@ -218,12 +225,13 @@ def select_tasks(suite: list[quality_suite.SuiteTask], names: Sequence[str] | No
     return [t for t in suite if t.name in set(names)]
 
 
-def prepare(task: quality_suite.SuiteTask, directory: str) -> PreparedTask:
+def prepare(task: quality_suite.SuiteTask, directory: str, image_size: int) -> PreparedTask:
+    """`image_size`: the side the ViT baselines see, the engine's default."""
     return PreparedTask(
         task=task,
         npz_path=quality_suite.write_npz(task, directory),
-        train_inputs=preprocess_eval(task.train_images, IMAGE_SIZE),
-        test_inputs=preprocess_eval(task.test_images, IMAGE_SIZE),
+        train_inputs=preprocess_eval(task.train_images, image_size),
+        test_inputs=preprocess_eval(task.test_images, image_size),
         train_pixels=grey_pixels(task.train_images),
         validation_pixels=grey_pixels(task.validation_images),
         test_pixels=grey_pixels(task.test_images),
@@ -231,15 +239,16 @@ def prepare(task: quality_suite.SuiteTask, directory: str) -> PreparedTask:
 
 
 def structure_for(config: SearchConfig, num_classes: int) -> PathStructure:
+    """The root's ViT at the configuration's default image size, with a K-class head."""
     size = config.size
-    return PathStructure(size=size, num_layers=size.num_layers, image_size=IMAGE_SIZE, num_classes=num_classes)
+    return PathStructure(size=size, num_layers=size.num_layers, image_size=config.default_image_size,
+                         num_classes=num_classes)
 
 
 @functools.cache
-def fresh_vit_params(size: ViTSize, num_classes: int) -> int:
+def fresh_vit_params(config: SearchConfig, num_classes: int) -> int:
     """Parameter count of a fresh ViT of the root's size with a K-class head."""
-    structure = PathStructure(size=size, num_layers=size.num_layers, image_size=IMAGE_SIZE, num_classes=num_classes)
-    return count_params(vit.init_path_params(structure, jax.random.key(0)))
+    return count_params(vit.init_path_params(structure_for(config, num_classes), jax.random.key(0)))
 
 
 def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
@@ -267,8 +276,16 @@ class EvolvedRun:
     generations: int
     tasks: dict[str, EvolvedTaskResult]
     first_task: str
-    forgetting_free: bool  # first task's test probabilities unchanged by later tasks
+    forgetting_free: bool | None  # first task's test probabilities unchanged by later tasks; None: not run
     seconds: float
+
+
+def skipped_evolved(tasks: Sequence[PreparedTask], seed: int, generations: int) -> EvolvedRun:
+    """--baselines-only: an evolved run that did not happen (NaN accuracies, no forgetting verdict)."""
+    nan = math.nan
+    results = {p.name: EvolvedTaskResult(nan, None, None, nan, 0, nan, 0.0, 0) for p in tasks}
+    return EvolvedRun(seed=seed, generations=generations, tasks=results, first_task=tasks[0].name,
+                      forgetting_free=None, seconds=0.0)
 
 
 def predict_probabilities(engine: Engine, name: str, images: np.ndarray) -> np.ndarray:
@@ -304,14 +321,14 @@ def run_evolved(tasks: Sequence[PreparedTask], config: SearchConfig, seed: int, 
         logger.info("seed %d gens %d: %s searched in %.1fs (engine validation %.4f, test %.4f, %.0f%% params "
                     "charged now); probes %s", seed, generations, prepared.name, seconds[prepared.name],
                     info.validation_accuracy or 0.0, info.test_accuracy or 0.0,
-                    100 * info.accounted_params / fresh_vit_params(config.size, prepared.task.num_classes),
+                    100 * info.accounted_params / fresh_vit_params(config, prepared.task.num_classes),
                     [(p.task, round(p.accuracy, 3), p.chosen) for p in info.probes])
         if prepared is first:
             first_probabilities = predict_probabilities(engine, first.name, first.task.test_images)
     results = {}
     for prepared in tasks:  # at the end: sharing as it stands with every task added
         info = engine.task(prepared.name)
-        fresh = fresh_vit_params(config.size, prepared.task.num_classes)
+        fresh = fresh_vit_params(config, prepared.task.num_classes)
         results[prepared.name] = EvolvedTaskResult(
             test_accuracy=accuracy(predict_classes(engine, prepared.name, prepared.task.test_images),
                                    prepared.task.test_labels),
@@ -475,7 +492,8 @@ def cached_vit_baselines(
     missing = {p.name: VitResult(math.nan, math.nan, 0.0) for p in tasks}
     if not cache:
         return (missing, dict(missing)) if skip else run_vit_baselines(tasks, config, seed, recipe)
-    key = f"seed{seed}-{recipe.steps}x{recipe.batch_size}-lr{recipe.peak_lr}-{config.size.name}-" + "-".join(
+    key = (f"seed{seed}-{recipe.steps}x{recipe.batch_size}-lr{recipe.peak_lr}-{config.size.name}-"
+           f"{config.default_image_size}px-") + "-".join(
         p.name for p in tasks)
     path = os.path.join(cache, f"{key}.json")
     if os.path.exists(path):
@@ -611,7 +629,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
     suite = select_tasks(quality_suite.build_suite(0), options.tasks)
     with tempfile.TemporaryDirectory(prefix="quality_suite_") as tmp:
         directory = options.data_dir or tmp
-        prepared = [prepare(task, directory) for task in suite]
+        prepared = [prepare(task, directory, config.default_image_size) for task in suite]
         logger.info("suite of %d tasks written to %s", len(prepared), directory)
         names = [p.name for p in prepared]
         later = names[1:]
@@ -627,7 +645,8 @@ def run(options: BenchOptions) -> dict[str, Any]:
                 scratch, finetune = cached_vit_baselines(options.baseline_cache, prepared, config, seed,
                                                          recipes[generations], skip=options.evolved_only)
                 baseline_seconds += time.perf_counter() - baseline_started
-                evolved = run_evolved(prepared, config, seed, generations)
+                evolved = (skipped_evolved(prepared, seed, generations) if options.baselines_only
+                           else run_evolved(prepared, config, seed, generations))
                 rows = seed_table(names, evolved, scratch, finetune, classical)
                 extra = {n: {"search_seconds": evolved.tasks[n].search_seconds,
                              "train_examples": evolved.tasks[n].train_examples} for n in names}
@@ -692,6 +711,7 @@ def summarise(
         "suite": [{"name": t.name, "similarity": t.similarity, "num_classes": t.num_classes,
                    "train": t.sizes()[0], "validation": t.sizes()[1], "test": t.sizes()[2]} for t in suite],
         "engine_config": {"name": config.name, "size": dataclasses.asdict(config.size),
+                          "image_sizes": list(config.image_sizes), "default_image_size": config.default_image_size,
                           "candidates_per_generation": config.candidates_per_generation,
                           "train_rounds": config.train_rounds, "examples_per_round": config.examples_per_round,
                           "batch_size": config.batch_size, "population_size": config.population_size},
@@ -702,11 +722,18 @@ def summarise(
         "per_seed_generations_monotone": {s: v["generations_monotone"] for s, v in per_seed_means.items()},
         "over_seeds": over_seeds,
         "generations_monotone": monotone,
-        "forgetting_free": all(per_seed[str(s)]["generations"][str(g)]["forgetting_free"]
-                               for s in options.seeds for g in options.generations),
+        "forgetting_free": forgetting_verdict([per_seed[str(s)]["generations"][str(g)]["forgetting_free"]
+                                               for s in options.seeds for g in options.generations]),
         "jax": {"version": jax.__version__, "backend": jax.default_backend(), "platform": device.platform,
                 "device_kind": device.device_kind, "devices": len(jax.devices())},
     }
+
+
+def forgetting_verdict(checks: Sequence[bool | None]) -> bool | None:
+    """True when every run was forgetting-free, None when no evolved run happened."""
+    if any(check is None for check in checks):
+        return None
+    return all(checks)
 
 
 def print_summary(report: Mapping[str, Any]) -> None:

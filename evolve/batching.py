@@ -1,12 +1,15 @@
 """Concurrent predictions of one served model run as one device call.
 
-Triton's dynamic batcher, for threads: calls that share a key (a task's
-served model) and arrive while that key's previous call is still running
-queue up in one open batch; when the running call returns, the batch is
-closed and runs as a single call, and each caller gets its own rows back.
-A lone call therefore waits for nothing. With a window > 0, the first
-caller of a batch also waits that long (or until the batch is full) for
-others to join, trading latency for larger batches under light load.
+Triton's dynamic batcher, for threads: a key (a task's served model) has
+`instances` slots, device calls that may run at once. Calls that arrive
+while every slot of their key is busy queue up in one open batch; when a
+slot frees, the batch is closed and runs as a single call, and each caller
+gets its own rows back. A call that finds a free slot therefore waits for
+nothing. With a window > 0, the first caller of a batch also waits that
+long (or until the batch is full) for others to join, trading latency for
+larger batches under light load. (Triton's instance count plays the role
+of `instances`: on a CPU, calls on several cores at once can beat one
+larger call.)
 
 There is no thread of its own: the first caller of each batch (its leader)
 runs it, so an idle batcher costs nothing.
@@ -31,6 +34,12 @@ class _Batch:
     error: BaseException | None = None
 
 
+@dataclasses.dataclass(eq=False)
+class _Key:
+    slots: threading.Semaphore
+    leaders: int = 0  # leaders running or waiting for a slot
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchStats:
     calls: int  # compute calls run
@@ -45,14 +54,16 @@ class MicroBatcher:
     An exception in `compute` is raised to every caller of that batch.
     """
 
-    def __init__(self, max_rows: int, window_seconds: float = 0.0):
-        if max_rows < 1 or window_seconds < 0:
-            raise ValueError(f"max_rows must be positive and window_seconds >= 0, got {max_rows}, {window_seconds}")
+    def __init__(self, max_rows: int, window_seconds: float = 0.0, instances: int = 1):
+        if max_rows < 1 or window_seconds < 0 or instances < 1:
+            raise ValueError(f"max_rows and instances must be positive and window_seconds >= 0, got {max_rows}, "
+                             f"{instances}, {window_seconds}")
         self.max_rows = max_rows
         self.window_seconds = window_seconds
+        self.instances = instances
         self._lock = threading.Lock()
         self._open: dict[Hashable, _Batch] = {}
-        self._running: dict[Hashable, threading.Lock] = {}
+        self._keys: dict[Hashable, _Key] = {}
         self._calls = 0
         self._requests = 0
 
@@ -74,9 +85,13 @@ class MicroBatcher:
                 self._open[key] = batch
             if batch.rows >= self.max_rows:
                 batch.full.set()
-            running = self._running.setdefault(key, threading.Lock())
+            state = self._keys.get(key)
+            if state is None:
+                state = self._keys[key] = _Key(threading.Semaphore(self.instances))
+            if leader:
+                state.leaders += 1
         if leader:
-            self._lead(key, batch, running, compute)
+            self._lead(key, batch, state, compute)
         else:
             batch.done.wait()
         if batch.error is not None:
@@ -84,12 +99,11 @@ class MicroBatcher:
         assert batch.result is not None
         return batch.result[offset : offset + len(rows)]
 
-    def _lead(self, key: Hashable, batch: _Batch, running: threading.Lock,
-              compute: Callable[[np.ndarray], np.ndarray]) -> None:
+    def _lead(self, key: Hashable, batch: _Batch, state: _Key, compute: Callable[[np.ndarray], np.ndarray]) -> None:
         try:
             if self.window_seconds > 0:
                 batch.full.wait(self.window_seconds)
-            with running:  # the key's previous batch runs meanwhile; callers keep joining this one
+            with state.slots:  # while the key's slots are busy, callers keep joining this batch
                 with self._lock:
                     if self._open.get(key) is batch:
                         del self._open[key]
@@ -102,6 +116,7 @@ class MicroBatcher:
             batch.error = error
         finally:
             batch.done.set()
-            with self._lock:  # forget an idle key (a waiting leader's batch is still open)
-                if key not in self._open and not running.locked():
-                    self._running.pop(key, None)
+            with self._lock:  # forget an idle key
+                state.leaders -= 1
+                if not state.leaders and self._keys.get(key) is state:
+                    del self._keys[key]

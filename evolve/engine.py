@@ -76,6 +76,7 @@ class EngineOptions:
     # those that arrive while the task's previous call runs, plus, with a window > 0,
     # those that arrive within it. None: every call runs alone.
     predict_batch_window_seconds: float | None = 0.0
+    predict_instances: int = 1  # device calls of one task that may run at once before calls queue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +220,8 @@ class Engine:
         self.options = options
         self.priority = ServingPriority(max_wait_seconds=options.serving_max_yield_seconds)
         window = options.predict_batch_window_seconds
-        self.batcher = None if window is None else MicroBatcher(options.max_predict_batch, window)
+        self.batcher = None if window is None else MicroBatcher(options.max_predict_batch, window,
+                                                                options.predict_instances)
         steps.set_compiled_bounds(training=options.max_compiled_structures, serving=options.max_compiled_predicts)
         self._on_event = on_event
         self._lock = threading.RLock()

@@ -66,6 +66,7 @@ class ServerOptions:
     max_compiled_predicts: int = SERVING_EXECUTABLES
     serving_max_yield_ms: float = SERVING_MAX_YIELD_SECONDS * 1000  # a search's wait per step for Predict; 0: none
     predict_batch_window_ms: float = 0.0  # concurrent Predicts of a task batched (evolve.batching); < 0: off
+    predict_instances: int = 1  # Predict device calls of one task at once before calls queue and batch
     port_file: str | None = None
     log_level: str = "INFO"
     startup_delay_seconds: float = 0.0  # for tests of the NOT_SERVING phase
@@ -171,6 +172,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="Predict calls for one task that arrive while its previous call runs are run as one batch; with a "
              "window > 0 a call also waits this long for others to join; negative: every call runs alone "
              "[EVOLVE_PREDICT_BATCH_WINDOW_MS, %(default)s]")
+    add("--predict-instances", type=int, default=int(_env("PREDICT_INSTANCES", defaults.predict_instances)),
+        help="Predict calls of one task that run at once; further calls queue and run as one batch "
+             "[EVOLVE_PREDICT_INSTANCES, %(default)s]")
     add("--port-file", default=_env("PORT_FILE"),
         help="write the bound port to this file once listening (for supervisors and tests)")
     add("--log-level", default=_env("LOG_LEVEL", defaults.log_level), help="[EVOLVE_LOG_LEVEL, %(default)s]")
@@ -258,6 +262,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         compilation_cache_mb=args.compilation_cache_mb, port_file=args.port_file,
         max_compiled_steps=args.max_compiled_steps, max_compiled_predicts=args.max_compiled_predicts,
         serving_max_yield_ms=args.serving_max_yield_ms, predict_batch_window_ms=args.predict_batch_window_ms,
+        predict_instances=args.predict_instances,
         log_level=args.log_level,
         startup_delay_seconds=args.startup_delay_seconds, min_free_mb=args.min_free_mb,
         max_waits_per_client=args.max_waits_per_client, max_data_mb=args.max_data_mb,
@@ -278,7 +283,8 @@ def validate_options(options: ServerOptions) -> None:
         raise ValueError("--metrics-port must differ from --port")
     if options.log_format not in ("text", "json"):
         raise ValueError(f"--log-format must be text or json, got {options.log_format!r}")
-    for name in ("max_queue", "max_batch", "max_message_mb", "workers", "max_compiled_steps", "max_compiled_predicts"):
+    for name in ("max_queue", "max_batch", "max_message_mb", "workers", "max_compiled_steps", "max_compiled_predicts",
+                 "predict_instances"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if options.max_data_mb < 1:
@@ -662,6 +668,7 @@ def load_backend(options: ServerOptions):
         serving_max_yield_seconds=options.serving_max_yield_ms / 1000.0,
         predict_batch_window_seconds=(options.predict_batch_window_ms / 1000.0
                                       if options.predict_batch_window_ms >= 0 else None),
+        predict_instances=options.predict_instances,
         data_limits=DataLimits(max_decompressed_bytes=options.max_data_mb << 20, allow_download=options.allow_download),
     )
     engine = Engine.restore(state_dir, devices=devices, options=engine_options)

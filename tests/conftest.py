@@ -17,6 +17,7 @@ def tiny_config(**overrides):
     base = dict(
         size=TEST_SIZE, max_layers=3, generations=2, candidates_per_generation=2, train_rounds=2,
         examples_per_round=256, batch_size=32, eval_batch_size=256, population_size=4,
+        image_sizes=(16,), default_image_size=16,
     )
     base.update(overrides)
     return get_config("tiny", **base)

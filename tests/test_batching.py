@@ -133,10 +133,31 @@ def test_keys_batch_apart_and_idle_keys_are_forgotten():
     for thread in threads:
         thread.join(10)
     assert len(a.inputs) == 1 and len(b.inputs) == 1 and len(b.inputs[0]) == 3
-    assert batcher._running == {} and batcher._open == {}
+    assert batcher._keys == {} and batcher._open == {}
+
+
+def test_with_two_instances_two_calls_run_at_once_and_the_third_waits_for_a_slot():
+    batcher, compute = MicroBatcher(max_rows=64, instances=2), Recorder(hold_first=True)
+    results = {}
+    threads = _call_in_threads(batcher, "t", [0], compute, results)
+    assert compute.started.wait(5)
+    compute.started.clear()
+    threads += _call_in_threads(batcher, "t", [1], compute, results)
+    assert compute.started.wait(5), "the second call found the second slot free"
+    threads += _call_in_threads(batcher, "t", [2, 3], compute, results)
+    time.sleep(0.3)
+    assert len(compute.inputs) == 2  # both slots held: the others queue in one batch
+    compute.release.set()
+    for thread in threads:
+        thread.join(10)
+    assert len(compute.inputs) == 3 and len(compute.inputs[2]) == 3 + 1
+    for value in range(4):
+        np.testing.assert_array_equal(results[value], _rows(value * 10, 1 + value % 3))
 
 
 def test_bad_bounds_are_refused():
+    with pytest.raises(ValueError):
+        MicroBatcher(max_rows=4, instances=0)
     with pytest.raises(ValueError):
         MicroBatcher(max_rows=0)
     with pytest.raises(ValueError):

@@ -45,6 +45,8 @@ TINY_SETTINGS = {
     "batch_size": 32,
     "eval_batch_size": 256,
     "population_size": 4,
+    "image_sizes": [16],
+    "default_image_size": 16,
 }
 TINY_ARGS = tuple(arg for key, value in TINY_SETTINGS.items() for arg in ("--set", f"{key}={value}"))
 
