@@ -61,7 +61,7 @@ from evolve.data import preprocess_eval  # noqa: E402
 from evolve.engine import Engine, EngineOptions  # noqa: E402
 from evolve.models import vit  # noqa: E402
 from evolve.search.budget import EXTENSION, search_plan  # noqa: E402
-from evolve.types import NpzSource, PathStructure, SearchBudget, TaskSpec, ViTSize, count_params  # noqa: E402
+from evolve.types import NpzSource, PathStructure, SearchBudget, TaskSpec, count_params  # noqa: E402
 
 logger = logging.getLogger("bench_quality")
 
