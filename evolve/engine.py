@@ -511,9 +511,11 @@ class Engine:
             with self._lock:
                 self.system.tasks[task].probes = tuple(iteration.probes)
                 self._publish((task,))
-        return self._finish(task, population, data, emit)
+        return self._finish(task, population, data, emit, ranked_on=iteration.plan.validation_examples)
 
-    def _finish(self, task: str, population: list[Path], data: TaskData, emit: EventCallback) -> Path:
+    def _finish(
+        self, task: str, population: list[Path], data: TaskData, emit: EventCallback, *, ranked_on: int,
+    ) -> Path:
         """Keeps the single best path, locks it, checkpoints (DESIGN §3.6).
 
         Durable before visible: readers (GetTask, ListTasks) see the task
@@ -521,10 +523,12 @@ class Engine:
         committed; until then they read the view published before. A failed
         save (StorageError) undoes every change, so the task stays as it
         was, and republishes that. The path to serve is compiled
-        first, outside the lock: once READY, its first Predict is fast."""
+        first, outside the lock: once READY, its first Predict is fast.
+        `ranked_on` is how many validation images the search ranked its
+        candidates on (the plan's), which the final choice's margin needs."""
         if not population:
             raise RuntimeError("the search produced no path")
-        best = self._final_choice(task, population, data)
+        best = self._final_choice(task, population, ranked_on)
         warmed = self._warm_up_path(task, best)
         with self._lock:
             before = self.system.snapshot()
@@ -555,9 +559,8 @@ class Engine:
             emit(CheckpointWritten(task, written.step, self.state_dir, written.new_components))
         return best
 
-    def _final_choice(self, task: str, population: list[Path], data: TaskData) -> Path:
+    def _final_choice(self, task: str, population: list[Path], examples: int) -> Path:
         config = self.system.config
-        examples = min(len(data.validation), config.validation_examples)
         chosen = selection.final_choice(population, examples, config.parsimony_z)
         top = selection.prune(population, 1)[0]
         if chosen is not top:

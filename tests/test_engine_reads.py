@@ -90,7 +90,7 @@ def _serve_shared_body(engine: Engine, task: str, body_of: str) -> None:
         engine.system.paths[path.id] = path  # adopted into the population, as a search's candidates are
     data = engine._task_data(task)
     try:
-        engine._finish(task, [path], data, engine._emitter(None))
+        engine._finish(task, [path], data, engine._emitter(None), ranked_on=len(data.validation))
     finally:
         engine._data.pop(task, None)
 
