@@ -11,7 +11,15 @@ Measures, in one run and on identical device-resident random batches:
                 and `head` trainable, the rest a frozen, non-differentiated
                 argument;
   (d) bf16      (b) computing in bfloat16 (`compute_dtype`), float32
-                parameters and optimizer state.
+                parameters and optimizer state;
+  (e) remat     (b) recomputing each encoder layer's activations in the
+                backward pass (`remat`);
+  (f) bf16-mom  (b) with the SGD momentum trace in bfloat16
+                (`momentum_dtype`).
+
+For the engine variants it also reports the compiled step's memory (XLA's
+memory analysis: arguments, outputs and temporaries), which is what remat
+and a bfloat16 momentum are for.
 
 For context it also times the host input path the training loop runs
 synchronously before every step: `preprocess_eval` of uint8 images
@@ -71,6 +79,7 @@ class Variant:
     step: Callable[[int], jax.Array]
     compile_seconds: float = 0.0
     round_seconds: list[float] = dataclasses.field(default_factory=list)
+    memory: dict[str, int] | None = None  # the compiled step's bytes (engine variants)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,25 +148,43 @@ def baseline_variant(structure, params, batches, device) -> Variant:
 
 
 def engine_variant(name, description, structure, trainable, frozen, batches, device, total_steps) -> Variant:
-    """(b)/(c) The engine's step, fed exactly as evolve.train.loop feeds it."""
+    """(b)-(f) The engine's step, fed exactly as evolve.train.loop feeds it.
+    It is compiled here, as `steps.train_step` compiles it on a cache miss
+    (`lower().compile()` of the same function), so that one compile gives
+    both the executable timed and its memory analysis."""
     trainable = jax.device_put(trainable, device)
     frozen = jax.device_put(frozen, device)
-    opt_state = jax.device_put(optimizer.make_optimizer(False).init(trainable), device)
+    opt_state = jax.device_put(optimizer.make_optimizer(False, structure.momentum_dtype).init(trainable), device)
     hparams = {"learning_rate": LEARNING_RATE, "warmup": 0.0, "schedule": "constant"}
     # The loop passes numpy float32 scalars: one per-step learning rate and the momentum.
     learning_rates = optimizer.learning_rates(hparams, total_steps, 1)
     momentum = np.float32(MOMENTUM)
     state = {"trainable": trainable, "opt_state": opt_state}
+    images, labels = batches[0]
+    started = time.perf_counter()
+    compiled = steps.train_step.jitted.lower(
+        trainable, frozen, opt_state, images, labels, learning_rates[0], momentum, structure=structure,
+        nesterov=False).compile()
+    compile_seconds = time.perf_counter() - started
 
     def step(i: int) -> jax.Array:
         images, labels = batches[i % len(batches)]
-        state["trainable"], state["opt_state"], loss = steps.train_step(
-            state["trainable"], frozen, state["opt_state"], images, labels,
-            learning_rates[i % total_steps], momentum, structure=structure, nesterov=False,
-        )
+        state["trainable"], state["opt_state"], loss = compiled(
+            state["trainable"], frozen, state["opt_state"], images, labels, learning_rates[i % total_steps], momentum)
         return loss
 
-    return Variant(name, description, count(trainable), step)
+    return Variant(name, description, count(trainable), step, compile_seconds, memory=compiled_memory(compiled))
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled program, in bytes; None where the
+    backend gives none."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    fields = {"arguments": "argument_size_in_bytes", "outputs": "output_size_in_bytes",
+              "temporaries": "temp_size_in_bytes", "aliased": "alias_size_in_bytes"}
+    return {name: int(getattr(analysis, attribute, 0) or 0) for name, attribute in fields.items()}
 
 
 def split_trainable(params: dict, structure: PathStructure, trainable_blocks: int) -> tuple[dict, dict]:
@@ -169,13 +196,15 @@ def split_trainable(params: dict, structure: PathStructure, trainable_blocks: in
 
 
 def compile_variant(variant: Variant) -> None:
-    """First call (trace + compile + one step), then one more to time a step."""
+    """First call (trace + compile + one step), then one more to time a step;
+    a variant compiled ahead of time keeps the compile time it measured."""
     started = time.perf_counter()
     jax.block_until_ready(variant.step(0))
     first = time.perf_counter() - started
     started = time.perf_counter()
     jax.block_until_ready(variant.step(1))
-    variant.compile_seconds = max(first - (time.perf_counter() - started), 0.0)
+    if not variant.compile_seconds:
+        variant.compile_seconds = max(first - (time.perf_counter() - started), 0.0)
 
 
 def time_round(variant: Variant, num_steps: int, offset: int) -> None:
@@ -226,6 +255,11 @@ def run(args: argparse.Namespace) -> dict:
         engine_variant("bf16", "engine step, all trainable, bfloat16 compute (float32 params)",
                        dataclasses.replace(structure, compute_dtype="bfloat16"), params, {}, batches, device,
                        total_steps),
+        engine_variant("remat", "engine step, all trainable, each layer rematerialised in the backward pass",
+                       dataclasses.replace(structure, remat=True), params, {}, batches, device, total_steps),
+        engine_variant("bf16-mom", "engine step, all trainable, bfloat16 momentum trace",
+                       dataclasses.replace(structure, momentum_dtype="bfloat16"), params, {}, batches, device,
+                       total_steps),
     ]
     for variant in variants:
         compile_variant(variant)
@@ -264,6 +298,7 @@ def run(args: argparse.Namespace) -> dict:
             "median_images_per_s": round(args.batch * args.steps / median, 1),
             "ratio_to_baseline": round(min(baseline.round_seconds) / best, 3),
             "median_ratio_to_baseline": round(statistics.median(baseline.round_seconds) / median, 3),
+            "memory_bytes": variant.memory,
         }
     host_ips = host_input_rate(args, device)
     results["host_input"] = {
@@ -273,8 +308,14 @@ def run(args: argparse.Namespace) -> dict:
     }
     results["ratio_engine"] = results["variants"]["engine"]["ratio_to_baseline"]
     results["ratio_partial"] = results["variants"]["partial"]["ratio_to_baseline"]
-    results["ratio_bf16_over_engine"] = round(
-        results["variants"]["bf16"]["images_per_s"] / results["variants"]["engine"]["images_per_s"], 3)
+    engine = results["variants"]["engine"]
+    for name in ("bf16", "remat", "bf16-mom"):
+        key = name.replace("-", "_")
+        results[f"ratio_{key}_over_engine"] = round(results["variants"][name]["images_per_s"] / engine["images_per_s"], 3)
+        memory, reference = results["variants"][name]["memory_bytes"], engine["memory_bytes"]
+        if memory and reference:
+            results[f"temporaries_{key}_over_engine"] = round(memory["temporaries"] / max(reference["temporaries"], 1), 3)
+            results[f"arguments_{key}_over_engine"] = round(memory["arguments"] / max(reference["arguments"], 1), 3)
     return results
 
 
@@ -293,10 +334,20 @@ def print_table(results: dict) -> None:
     host = results["host_input"]
     print(f"{'host in':<9} {'':>12} {'':>10} {'':>16} {host['images_per_s']:>8.1f} {'':>10} {host['ratio_to_baseline']:>5.3f} "
           f"{'':>7}  {host['description']} (not a train step)")
+    print("compiled step memory (XLA memory analysis), MB: arguments / temporaries")
+    for name, v in results["variants"].items():
+        if v["memory_bytes"]:
+            print(f"{name:<9} {v['memory_bytes']['arguments'] / 1e6:>9.2f} / {v['memory_bytes']['temporaries'] / 1e6:>9.2f}")
     goal = "meets" if results["ratio_engine"] >= 0.95 else "BELOW"
     print(f"engine/baseline = {results['ratio_engine']:.3f} ({goal} the 0.95 goal); "
           f"partial/baseline = {results['ratio_partial']:.3f}; "
-          f"bf16/engine (float32) = {results['ratio_bf16_over_engine']:.3f}")
+          f"bf16/engine (float32) = {results['ratio_bf16_over_engine']:.3f}; "
+          f"remat/engine = {results['ratio_remat_over_engine']:.3f}; "
+          f"bf16-mom/engine = {results['ratio_bf16_mom_over_engine']:.3f}")
+    for name in ("remat", "bf16_mom"):
+        if f"temporaries_{name}_over_engine" in results:
+            print(f"{name}: temporaries x{results[f'temporaries_{name}_over_engine']:.3f}, "
+                  f"arguments x{results[f'arguments_{name}_over_engine']:.3f} of the engine step's")
 
 
 def main(argv: list[str] | None = None) -> int:

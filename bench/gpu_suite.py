@@ -38,7 +38,7 @@ logger = logging.getLogger("gpu_suite")
 # (name, script, arguments, seconds allowed)
 GPU_PLAN = (
     ("train_b16_224", "bench_train.py", ["--size", "B/16", "--image-size", "224", "--batch", "128", "--rounds", "6",
-                                         "--json"], 150),
+                                         "--json"], 210),
     ("input_224_from_500", "bench_input.py", ["--size", "B/16", "--image-size", "224", "--source-size", "500",
                                               "--batch", "128"], 90),
     ("prefix_b16_224", "bench_prefix.py", ["--size", "B/16", "--image-size", "224", "--batch", "128",

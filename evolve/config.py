@@ -131,10 +131,20 @@ class SearchConfig:
     # (parameters, gradients and optimizer state stay float32). float32 is the
     # default: bfloat16 is slower on the CPU (bench/bench_train.py, variant bf16).
     compute_dtype: str = "float32"
+    # Training memory (DESIGN §4, mixed precision), both off by default, as
+    # neither pays on the CPU (bench/bench_train.py, variants remat and
+    # bf16-momentum): recompute each encoder layer's activations in the
+    # backward pass (jax.checkpoint) instead of keeping them, and hold the
+    # SGD momentum trace in bfloat16 (halving the optimizer state; it is
+    # saved, and inherited by children, as float32).
+    remat: bool = False
+    momentum_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        for name in ("compute_dtype", "momentum_dtype"):
+            value = getattr(self, name)
+            if value not in COMPUTE_DTYPES:
+                raise ValueError(f"{name} must be one of {', '.join(COMPUTE_DTYPES)}, got {value!r}")
         if self.default_image_size not in self.image_sizes:
             raise ValueError(f"default_image_size {self.default_image_size} is not one of image_sizes "
                              f"{tuple(self.image_sizes)}")

@@ -72,6 +72,11 @@ class PathStructure:
     # The dtype the forward pass computes in ("float32" or "bfloat16", from
     # SearchConfig.compute_dtype); parameters and optimizer state stay float32.
     compute_dtype: str = "float32"
+    # Training memory for compute (SearchConfig.remat, momentum_dtype): each
+    # encoder layer's activations recomputed in the backward pass instead of
+    # kept; the SGD momentum trace held in this dtype (kept float32 on disk).
+    remat: bool = False
+    momentum_dtype: str = "float32"
 
     def component_names(self) -> tuple[str, ...]:
         """Component names in forward order."""

@@ -208,10 +208,19 @@ def run_layers(params: Mapping[str, Params], x: jax.Array, structure: PathStruct
     dtype = compute_dtype(structure)
     block = EncoderBlock(structure.size.num_heads, structure.size.mlp_dim, dtype)
     adapter = ResidualAdapter(structure.adapter_dim, dtype)
+
+    def layer(layer_params: Mapping[str, Params], x: jax.Array) -> jax.Array:
+        if "adapter" in layer_params:
+            x = x + adapter.apply({"params": layer_params["adapter"]}, x)
+        return block.apply({"params": layer_params["block"]}, x)
+
+    if structure.remat:  # the backward pass recomputes a layer's activations from its input
+        layer = jax.checkpoint(layer)
     for i in range(start, stop):
+        layer_params = {"block": params[f"encoderblock_{i}"]}
         if i in structure.adapter_layers:
-            x = x + adapter.apply({"params": params[f"residual_adapter_{i}"]}, x)
-        x = block.apply({"params": params[f"encoderblock_{i}"]}, x)
+            layer_params["adapter"] = params[f"residual_adapter_{i}"]
+        x = layer(layer_params, x)
     return x
 
 

@@ -46,6 +46,8 @@ def structure_of(config: SearchConfig, num_classes: int, hparams: Mapping[str, A
         adapter_layers=tuple(sorted(adapter_index(n) for n in names if n.startswith("residual_adapter_"))),
         adapter_dim=int(hparams["adapter_dim"]),
         compute_dtype=config.compute_dtype,
+        remat=config.remat,
+        momentum_dtype=config.momentum_dtype,
     )
 
 

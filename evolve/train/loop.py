@@ -341,6 +341,16 @@ class _Prefix:
         return examples * vit.num_tokens(size, self.structure.image_size) * size.hidden_size * itemsize
 
 
+def _like(tree: Params, reference: Params) -> Params:
+    """`tree` (an inherited momentum trace, float32) in the dtypes of `reference`."""
+    return jax.tree.map(lambda value, ref: np.asarray(value, dtype=ref.dtype), tree, reference)
+
+
+def _float32(tree: Params) -> Params:
+    """A momentum trace as components keep it: float32 whatever it trained in."""
+    return jax.tree.map(lambda value: value.astype(jnp.float32), tree)
+
+
 class _CandidateState:
     """Device-resident training state of one candidate. Its frozen prefix, if
     it has one, runs forward only and apart (`prefix_features`), so that
@@ -356,9 +366,10 @@ class _CandidateState:
         self.prefix_params = _frozen_on_device(plan, sorted(prefix_names), device)
         self.start_layer = self.prefix.layers if self.prefix is not None else None
         self.frozen = _frozen_on_device(plan, [n for n in plan.frozen if n not in prefix_names], device)
-        opt_state = optimizer.make_optimizer(self.nesterov).init(self.trainable)
+        opt_state = optimizer.make_optimizer(self.nesterov, plan.structure.momentum_dtype).init(self.trainable)
         trace = optimizer.momentum_trace(opt_state)
-        inherited = {name: plan.momentum.get(name, trace[name]) for name in trace}
+        inherited = {name: _like(plan.momentum[name], trace[name]) if name in plan.momentum else trace[name]
+                     for name in trace}
         self.opt_state = jax.device_put(optimizer.with_momentum_trace(opt_state, inherited), device)
         # Per-step values go to the device up front: the step loop transfers nothing.
         self.learning_rates = jax.device_put(list(optimizer.learning_rates(plan.hparams, total_steps, rounds)), device)
@@ -408,7 +419,7 @@ class _CandidateState:
         if score >= self.best_score:  # ties accepted, as the reference (DESIGN §3.5)
             self.best_score = score
             self.best_quality = quality
-            self.best = jax.device_get((self.trainable, optimizer.momentum_trace(self.opt_state)))
+            self.best = jax.device_get((self.trainable, _float32(optimizer.momentum_trace(self.opt_state))))
 
     def result(self) -> TrainResult:
         trainable, momentum = self.best if self.best is not None else (None, None)

@@ -18,11 +18,14 @@ import optax
 from evolve.types import HyperValue, Params
 
 
-def make_optimizer(nesterov: bool) -> optax.GradientTransformation:
+def make_optimizer(nesterov: bool, momentum_dtype: str = "float32") -> optax.GradientTransformation:
+    """`momentum_dtype` is the dtype of the momentum trace (optax's
+    accumulator_dtype); updates are computed in float32 whatever it is."""
     return optax.chain(
         optax.clip_by_global_norm(1.0),
-        optax.inject_hyperparams(optax.sgd, static_args=("nesterov",))(
-            learning_rate=0.0, momentum=0.9, nesterov=nesterov
+        optax.inject_hyperparams(optax.sgd, static_args=("nesterov", "accumulator_dtype"))(
+            learning_rate=0.0, momentum=0.9, nesterov=nesterov,
+            accumulator_dtype=None if momentum_dtype == "float32" else jnp.dtype(momentum_dtype),
         ),
     )
 

@@ -267,7 +267,7 @@ def train_step(
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
-    opt = optimizer.make_optimizer(nesterov)
+    opt = optimizer.make_optimizer(nesterov, structure.momentum_dtype)
     opt_state = optimizer.with_hyperparams(opt_state, learning_rate, momentum)
     updates, opt_state = opt.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
