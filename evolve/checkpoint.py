@@ -74,9 +74,11 @@ def _components_dir(state_dir: str) -> str:
     return os.path.join(os.path.abspath(state_dir), "components")
 
 
-def _manager(state_dir: str) -> ocp.CheckpointManager:
+def _manager(state_dir: str, *, read_only: bool = False) -> ocp.CheckpointManager:
+    """The manifest steps' manager; `read_only` (a serving replica's) neither
+    creates, cleans up nor deletes anything."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=KEEP_MANIFESTS, enable_async_checkpointing=False, create=True
+        max_to_keep=KEEP_MANIFESTS, enable_async_checkpointing=False, create=not read_only, read_only=read_only,
     )
     return ocp.CheckpointManager(os.path.join(os.path.abspath(state_dir), "manifest"), options=options)
 
@@ -297,7 +299,18 @@ def _read_manifest(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return restored["manifest"]
 
 
-def _system_from_manifest(state_dir: str, manifest: Mapping[str, Any]) -> System:
+def _reused(known: Mapping[str, Component], meta: Mapping[str, Any], component_id: str) -> Component | None:
+    """A component this process already holds with the manifest's content
+    (components never change), with the manifest's current locks; else None."""
+    component = known.get(component_id)
+    if component is None or component.content_hash != meta["content_hash"]:
+        return None
+    return dataclasses.replace(component, locked_by=frozenset(meta["locked_by"]), trained=meta["trained"])
+
+
+def _system_from_manifest(
+    state_dir: str, manifest: Mapping[str, Any], known: Mapping[str, Component] | None = None,
+) -> System:
     if manifest.get("format") != FORMAT_VERSION:
         raise CorruptCheckpointError(f"unknown manifest format {manifest.get('format')!r}")
     config_dict = dict(manifest["config"])
@@ -306,6 +319,10 @@ def _system_from_manifest(state_dir: str, manifest: Mapping[str, Any]) -> System
     config = SearchConfig(**config_dict)
     components, damaged = {}, {}
     for cid, meta in manifest["components"].items():
+        reused = _reused(known or {}, meta, cid)
+        if reused is not None:
+            components[cid] = reused
+            continue
         try:
             components[cid] = read_component(state_dir, meta, cid)
         except CorruptCheckpointError as error:
@@ -358,25 +375,44 @@ def _set_damage(system: System) -> None:
         path.inherited = {n: i for n, i in path.inherited.items() if i not in system.damaged}
 
 
-def restore(state_dir: str) -> Restored | None:
+def latest_step(state_dir: str) -> int | None:
+    """The newest committed manifest step, read without writing anything;
+    None when there is none."""
+    if not os.path.isdir(os.path.join(state_dir, "manifest")):
+        return None
+    manager = _manager(state_dir, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def restore(
+    state_dir: str, *, read_only: bool = False, known: Mapping[str, Component] | None = None,
+) -> Restored | None:
     """The newest complete, intact step; None when there is none at all.
 
+    `read_only` (a serving replica following another process's saves)
+    writes nothing under the state directory. Components in `known` (by id,
+    with equal content hashes) are taken as they are instead of read again.
     Raises CorruptCheckpointError when steps exist but none is intact.
     """
     if not os.path.isdir(os.path.join(state_dir, "manifest")):
         return None
-    manager = _manager(state_dir)
+    manager = _manager(state_dir, read_only=read_only)
     steps = sorted(manager.all_steps(), reverse=True)
     errors = []
     for step in steps:
         try:
             manifest = _read_manifest(manager, step)
-            system = _system_from_manifest(state_dir, manifest)
+            system = _system_from_manifest(state_dir, manifest, known)
         except Exception as error:
             logger.error("checkpoint step %s is unusable (%s); trying the previous one", step, error)
             errors.append(f"step {step}: {error}")
             continue
         manager.close()
+        if read_only:
+            return Restored(system, step, dict(manifest.get("extra", {})))
         store = Store(state_dir)
         store.written = {cid: component.content_hash for cid, component in system.components.items()}
         store.referenced[step] = frozenset(manifest["components"])

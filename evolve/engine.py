@@ -211,11 +211,15 @@ class Engine:
         on_event: EventCallback | None = None,
         checkpoint_step: int = 0,
         checkpoint_store: checkpoint.Store | None = None,
+        read_only: bool = False,
     ):
         self.system = system
         self.state_dir = state_dir
+        # A serving replica (DESIGN §4, many agents): it serves what another
+        # process commits under state_dir (`follow`) and never writes there.
+        self.read_only = read_only
         # What this process knows is on disk, so a save writes what changed.
-        self._store = checkpoint_store or (checkpoint.Store(state_dir) if state_dir else None)
+        self._store = checkpoint_store or (checkpoint.Store(state_dir) if state_dir and not read_only else None)
         self.devices = list(devices or jax.local_devices())
         self.options = options
         self.priority = ServingPriority(max_wait_seconds=options.serving_max_yield_seconds)
@@ -282,13 +286,17 @@ class Engine:
         return cls(system, **kwargs)
 
     @classmethod
-    def restore(cls, state_dir: str, **kwargs) -> "Engine | None":
-        """The engine of the last complete checkpoint under state_dir, or None."""
-        restored = checkpoint.restore(state_dir)
+    def restore(cls, state_dir: str, *, read_only: bool = False, **kwargs) -> "Engine | None":
+        """The engine of the last complete checkpoint under state_dir, or None.
+
+        `read_only`: a serving replica of that directory, which another process
+        writes; it serves and reads, `follow` loads newer steps, and every
+        change (tasks, searches, saves) is refused."""
+        restored = checkpoint.restore(state_dir, read_only=read_only)
         if restored is None:
             return None
         engine = cls(restored.system, state_dir=state_dir, checkpoint_step=restored.step,
-                     checkpoint_store=restored.store, **kwargs)
+                     checkpoint_store=restored.store, read_only=read_only, **kwargs)
         engine.restored_extra = {k: v for k, v in restored.extra.items() if k != PREDICT_BUCKETS_KEY}
         engine._used_buckets.update(int(b) for b in restored.extra.get(PREDICT_BUCKETS_KEY, ()))
         return engine
@@ -300,6 +308,7 @@ class Engine:
 
         No data is loaded here (DESIGN §7): the task's search loads it, so a
         request never waits on a dataset, and bad contents fail the search."""
+        self._writable()
         validate_task_name(spec.name, "spec.name")
         with self._lock:
             if spec.name in self.system.tasks:
@@ -342,6 +351,7 @@ class Engine:
 
         Components other tasks lock stay (frozen tasks never change). A failed
         checkpoint undoes the removal and raises StorageError."""
+        self._writable()
         with self._lock:
             if name not in self.system.tasks:
                 raise NotFoundError("task", name)
@@ -419,6 +429,7 @@ class Engine:
         Raises CancelledError when `cancel` is set between steps; the task's
         served path is then unchanged.
         """
+        self._writable()
         emit = self._emitter(on_event)
         with self._lock:
             if task not in self.system.tasks:
@@ -570,8 +581,9 @@ class Engine:
                         examples)
         return chosen
 
-    def _structure(self, task: str, path: Path) -> PathStructure:
-        return structure_of(self.system.config, self.system.tasks[task].num_classes, path.hparams, list(path.components))
+    def _structure(self, task: str, path: Path, system: System | None = None) -> PathStructure:
+        system = system or self.system
+        return structure_of(system.config, system.tasks[task].num_classes, path.hparams, list(path.components))
 
     def _test_accuracy(self, task: str, path: Path, data: TaskData) -> float:
         structure = self._structure(task, path)
@@ -605,19 +617,21 @@ class Engine:
                 del self._device_users[key]
                 self._on_device.pop(key, None)
 
-    def _served_model(self, task: str, path: Path) -> ServedModel:
-        """A path on the serving device; its components already there (served
-        by another path) are not uploaded again. New copies are shared once
-        `_serve` serves the model (a warmed model never served leaves none)."""
-        structure = self._structure(task, path)
-        keys = tuple((cid, self.system.components[cid].content_hash) for cid in path.components.values())
-        params = {name: self._component_on_device(key) for name, key in zip(path.components, keys)}
-        return ServedModel(path.id, path.version, structure, params, self.system.tasks[task].class_names, keys)
+    def _served_model(self, task: str, path: Path, system: System | None = None) -> ServedModel:
+        """A path (of `system`, the engine's by default) on the serving device;
+        its components already there (served by another path) are not
+        uploaded again. New copies are shared once `_serve` serves the model
+        (a warmed model never served leaves none)."""
+        system = system or self.system
+        structure = self._structure(task, path, system)
+        keys = tuple((cid, system.components[cid].content_hash) for cid in path.components.values())
+        params = {name: self._component_on_device(key, system) for name, key in zip(path.components, keys)}
+        return ServedModel(path.id, path.version, structure, params, system.tasks[task].class_names, keys)
 
-    def _component_on_device(self, key: tuple[str, str]) -> Any:
+    def _component_on_device(self, key: tuple[str, str], system: System) -> Any:
         params = self._on_device.get(key)
         if params is None:
-            params = jax.device_put(self.system.components[key[0]].params, self.devices[0])
+            params = jax.device_put(system.components[key[0]].params, self.devices[0])
         return params
 
     def warm_buckets(self) -> tuple[int, ...]:
@@ -650,6 +664,52 @@ class Engine:
         logger.info("warm-up: %d task(s), %d new program(s) for batch buckets %s in %.1f s",
                     result.tasks, result.executables, list(buckets), result.seconds)
         return result
+
+    # ---- a read-only replica ------------------------------------------------
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FailedPreconditionError(
+                "READ_ONLY", "this server is a read-only replica of its state directory: send changes (tasks, "
+                "searches, deletions) to the server that writes it")
+
+    def follow(self) -> bool:
+        """A read-only engine's catch-up: when the state directory has a newer
+        committed step than the one served, loads it (components already held
+        are not read again), compiles the newly served paths, then swaps the
+        system, the served paths and the read view at once. Returns whether
+        it moved to a newer step. Writes nothing."""
+        if not self.read_only:
+            raise FailedPreconditionError("NOT_READ_ONLY", "follow() is for read-only engines")
+        latest = checkpoint.latest_step(self.state_dir)
+        if latest is None or latest <= self.checkpoint_step:
+            return False
+        restored = checkpoint.restore(self.state_dir, read_only=True, known=self.system.components)
+        if restored is None or restored.step <= self.checkpoint_step:
+            return False
+        system = restored.system
+        self._used_buckets.update(int(b) for b in restored.extra.get(PREDICT_BUCKETS_KEY, ()))
+        warmed = {}
+        for task, path_id in system.best.items():  # outside the lock: compiling may take seconds
+            current = self._served.get(task)
+            if current is None or current.path_id != path_id:
+                with self._lock:
+                    served = self._served_model(task, system.paths[path_id], system)
+                for bucket in self.warm_buckets():
+                    self._warm_program(served, bucket)
+                warmed[task] = served
+        with self._lock:
+            self.system = system
+            self.checkpoint_step = restored.step
+            self.restored_extra = {k: v for k, v in restored.extra.items() if k != PREDICT_BUCKETS_KEY}
+            for task in [t for t in self._served if t not in system.best]:
+                self._stop_serving(self._served.pop(task))
+            for task, served in warmed.items():
+                self._serve(task, served)
+            self._publish(None, sharing=True)
+        logger.info("following %s: step %d (%d task(s), %d newly served)", self.state_dir, restored.step,
+                    len(system.tasks), len(warmed))
+        return True
 
     def _warm_up_path(self, task: str, path: Path) -> ServedModel | None:
         """Compiles a path's predict step before it serves (outside the lock);
@@ -739,6 +799,7 @@ class Engine:
         """Writes a checkpoint step (under the lock); None without a state_dir."""
         if not self.state_dir:
             return None
+        self._writable()
         with self._lock:
             if extra is not None:
                 self.restored_extra = dict(extra)
