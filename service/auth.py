@@ -20,6 +20,8 @@ the probes. Three classes of RPC:
   when the server is started with `--open-reads`, an explicit choice.
 
 Without any token every call is open (the server warns beyond localhost).
+A read-only server (a serving replica, `--read-only`) answers an otherwise
+allowed mutating call with FAILED_PRECONDITION: changes go to the writer.
 Clients send `authorization: Bearer <token>` metadata. Tokens are compared in
 constant time; an empty or blank token is refused, never taken as "no auth".
 """
@@ -50,6 +52,8 @@ OPEN_METHODS = frozenset(f"/{INFERENCE_SERVICE}/{name}" for name in ("ServerLive
 OPEN_SERVICES = (f"/{HEALTH_SERVICE}/",)
 
 OPEN, READ, MUTATING = "open", "read", "mutating"
+READ_ONLY_MESSAGE = ("this server is a read-only replica (--read-only) of a state directory another server writes: "
+                     "send changes (SubmitTask, Improve, Cancel*, Delete*) to that server")
 
 
 def access_class(method: str) -> str:
@@ -110,7 +114,9 @@ def describe(token: str | None, read_token: str | None = None, open_reads: bool 
 class AuthInterceptor(grpc.ServerInterceptor):
     """Rejects calls without the token their access class requires."""
 
-    def __init__(self, token: str | None, read_token: str | None = None, open_reads: bool = False):
+    def __init__(self, token: str | None, read_token: str | None = None, open_reads: bool = False, *,
+                 read_only: bool = False):
+        self._read_only = read_only  # a serving replica: mutating calls go to the writer
         self._token = check_token("token", token)
         self._read_token = check_token("read token", read_token)
         self._open_reads = open_reads
@@ -122,7 +128,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
             raise ValueError("the read token must differ from the token")
 
     def check(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> tuple[grpc.StatusCode, str] | None:
-        """None when the call may proceed, else the status code and message."""
+        """None when the call may proceed, else the status code and message.
+        On a read-only server an authorised mutating call is refused too."""
+        denied = self._check_token(method, metadata)
+        if denied is None and self._read_only and access_class(method) == MUTATING:
+            return grpc.StatusCode.FAILED_PRECONDITION, READ_ONLY_MESSAGE
+        return denied
+
+    def _check_token(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> tuple[grpc.StatusCode, str] | None:
         needed = access_class(method)
         if needed == OPEN or self._token is None or (needed == READ and self._open_reads):
             return None

@@ -78,6 +78,10 @@ class ServerOptions:
     metrics_host: str = ""  # "": the gRPC --host
     metrics_port_file: str | None = None
     log_format: str = "text"  # or "json": one JSON object per line
+    # A serving replica: serves what another server commits under state_dir,
+    # catching up every follow_seconds; takes no lock and never writes there.
+    read_only: bool = False
+    follow_seconds: float = 2.0
 
 
 # ---- flags ---------------------------------------------------------------------------
@@ -203,6 +207,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--min-free-mb", type=int, default=int(_env("MIN_FREE_MB", defaults.min_free_mb)),
         help="refuse new tasks and improvements (RESOURCE_EXHAUSTED) while the state disk has less than this "
              "free; 0 = no reserve [EVOLVE_MIN_FREE_MB, %(default)s]")
+    add("--read-only", action=argparse.BooleanOptionalAction, default=_env("READ_ONLY"),
+        help="serve a state directory that another server writes (a serving replica): Predict, ModelInfer, "
+             "GetTask, ListTasks and GetSystem answer from its latest committed checkpoint, newer ones are "
+             "loaded as they commit, and every change answers FAILED_PRECONDITION; takes no lock, writes "
+             "nothing there, and uses no compilation cache unless --compilation-cache-dir names one "
+             "[EVOLVE_READ_ONLY=true|false, default false]")
+    add("--follow-seconds", type=float, default=float(_env("FOLLOW_SECONDS", defaults.follow_seconds)),
+        help="with --read-only: how often to look for a newer committed checkpoint "
+             "[EVOLVE_FOLLOW_SECONDS, %(default)s]")
     add("--startup-delay-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     return parser
 
@@ -269,6 +282,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         allow_download=bool(args.allow_download),
         metrics_port=args.metrics_port, metrics_host=args.metrics_host or "",
         metrics_port_file=args.metrics_port_file or None, log_format=args.log_format,
+        read_only=_boolean("--read-only (EVOLVE_READ_ONLY)", getattr(args, "read_only", None)),
+        follow_seconds=args.follow_seconds,
     )
     validate_options(options)
     return options
@@ -299,6 +314,8 @@ def validate_options(options: ServerOptions) -> None:
         raise ValueError("--predict-batch-window-ms must be a number")
     if options.compilation_cache_mb < 0:
         raise ValueError("--compilation-cache-mb must not be negative")
+    if not options.follow_seconds > 0:
+        raise ValueError("--follow-seconds must be positive")
     if options.devices < 0:
         raise ValueError("--devices must not be negative")
     _validate_tokens(options)
@@ -470,7 +487,8 @@ class Server:
             futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="rpc"),
             # Outermost first: the access log and metrics see every call's final status, denials included.
             interceptors=[ObservabilityInterceptor(self.metrics),
-                          AuthInterceptor(options.token, options.read_token, options.open_reads), ErrorInterceptor()],
+                          AuthInterceptor(options.token, options.read_token, options.open_reads,
+                                          read_only=options.read_only), ErrorInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -588,19 +606,34 @@ class Server:
 
         if self._stop.wait(self.options.startup_delay_seconds):
             return
-        engine, jobs, events = load_backend(self.options)
+        loaded = load_backend(self.options, self._stop)
+        if loaded is None:
+            return  # stopped while a replica waited for a first checkpoint
+        engine, jobs, events = loaded
         engine.warm_up(cancel=self._stop)  # "ready" means fast: served paths compiled first
         if self._stop.is_set():
             return
         self.backend.attach(engine, jobs, events)
         if self.metrics is not None:
             self.metrics.attach(engine, jobs, events)
-        jobs.start()
+        if self.options.read_only:
+            threading.Thread(target=self._follow, args=(engine,), name="follow", daemon=True).start()
+        else:
+            jobs.start()
         for name in self.service_names():
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.backend.set_serving(True)  # ServerReady agrees with health
         logger.info("serving %d task(s) from checkpoint step %d on %d device(s): %s", len(engine.system.tasks),
                     engine.checkpoint_step, len(engine.devices), engine.devices[0].platform)
+
+    def _follow(self, engine) -> None:
+        """A replica's loop: loads each newer committed step of the state directory."""
+        while not self._stop.wait(self.options.follow_seconds):
+            try:
+                engine.follow()
+            except Exception:  # a step being written, a damaged file: the served step stays
+                logger.exception("cannot load the newest checkpoint of %s; still serving step %d",
+                                 self.options.state_dir, engine.checkpoint_step)
 
     def _drain(self) -> int:
         """Stops taking calls, stops the worker, writes the final checkpoint."""
@@ -616,7 +649,9 @@ class Server:
         self._loader.join(grace)
         loaded = self.backend.loaded
         code = 1 if self._load_failed else 0
-        if loaded is not None:
+        if loaded is not None and self.options.read_only:
+            loaded.events.close()
+        elif loaded is not None:
             loaded.jobs.shutdown(timeout=worker_timeout)
             try:
                 # No CheckpointWritten event: the saved event position stays exact.
@@ -634,25 +669,27 @@ class Server:
         return code
 
 
-def load_backend(options: ServerOptions):
+def load_backend(options: ServerOptions, stop: threading.Event | None = None):
     """Restores the engine from the state directory, or creates a new system.
 
     Returns (engine, jobs, event log), with the jobs' operations restored and
-    saved with every checkpoint from now on.
+    saved with every checkpoint from now on. A read-only server (a replica)
+    waits for the directory's first committed checkpoint instead, and
+    returns None when `stop` is set meanwhile; its jobs never run.
     """
     import jax  # noqa: PLC0415 (after configure_devices)
 
     from evolve import statedir
-    from evolve.data import DataLimits
-    from evolve.engine import Engine, EngineOptions, enable_compilation_cache
+    from evolve.engine import Engine, enable_compilation_cache
     from service.event_log import EventLog
     from service.jobs import Jobs, event_log_start
 
     state_dir = os.path.abspath(options.state_dir)
-    os.makedirs(state_dir, exist_ok=True)
-    statedir.remove_interrupted_writes(state_dir)  # we hold the state-directory lock
+    if not options.read_only:
+        os.makedirs(state_dir, exist_ok=True)
+        statedir.remove_interrupted_writes(state_dir)  # we hold the state-directory lock
     cache = options.compilation_cache_dir
-    if cache is None:
+    if cache is None and not options.read_only:  # a replica must not write the writer's cache
         cache = os.path.join(state_dir, "xla_cache")
     if cache:
         enable_compilation_cache(cache, max_bytes=options.compilation_cache_mb * 2**20)
@@ -661,16 +698,13 @@ def load_backend(options: ServerOptions):
         if options.devices > len(devices):
             raise ValueError(f"--devices {options.devices}: only {len(devices)} available")
         devices = devices[: options.devices]
-    engine_options = EngineOptions(
-        data_roots=options.data_roots, max_predict_batch=options.max_batch,
-        max_train_examples=options.max_train_examples, seed=options.seed, min_free_bytes=options.min_free_mb << 20,
-        max_compiled_structures=options.max_compiled_steps, max_compiled_predicts=options.max_compiled_predicts,
-        serving_max_yield_seconds=options.serving_max_yield_ms / 1000.0,
-        predict_batch_window_seconds=(options.predict_batch_window_ms / 1000.0
-                                      if options.predict_batch_window_ms >= 0 else None),
-        predict_instances=options.predict_instances,
-        data_limits=DataLimits(max_decompressed_bytes=options.max_data_mb << 20, allow_download=options.allow_download),
-    )
+    engine_options = _engine_options(options)
+    if options.read_only:
+        engine = _replica_engine(state_dir, devices, engine_options, options.follow_seconds, stop)
+        if engine is None:
+            return None
+        events = EventLog(start_sequence=event_log_start(engine.restored_extra))
+        return engine, Jobs(engine, events, max_queue=options.max_queue), events
     engine = Engine.restore(state_dir, devices=devices, options=engine_options)
     fresh = engine is None
     if fresh:
@@ -695,6 +729,40 @@ def load_backend(options: ServerOptions):
     return engine, jobs, events
 
 
+def _replica_engine(state_dir: str, devices, engine_options, poll_seconds: float, stop: threading.Event | None):
+    """A read-only engine of the newest committed checkpoint, once there is one."""
+    from evolve.engine import Engine  # noqa: PLC0415
+
+    waited = False
+    while True:
+        engine = Engine.restore(state_dir, read_only=True, devices=devices, options=engine_options)
+        if engine is not None:
+            logger.info("read-only replica of %s: checkpoint step %d (configuration %s)", state_dir,
+                        engine.checkpoint_step, engine.system.config.name)
+            return engine
+        if not waited:
+            logger.info("read-only replica: %s has no committed checkpoint yet; waiting for one", state_dir)
+            waited = True
+        if stop is None or stop.wait(poll_seconds):
+            return None
+
+
+def _engine_options(options: ServerOptions):
+    from evolve.data import DataLimits  # noqa: PLC0415
+    from evolve.engine import EngineOptions  # noqa: PLC0415
+
+    return EngineOptions(
+        data_roots=options.data_roots, max_predict_batch=options.max_batch,
+        max_train_examples=options.max_train_examples, seed=options.seed, min_free_bytes=options.min_free_mb << 20,
+        max_compiled_structures=options.max_compiled_steps, max_compiled_predicts=options.max_compiled_predicts,
+        serving_max_yield_seconds=options.serving_max_yield_ms / 1000.0,
+        predict_batch_window_seconds=(options.predict_batch_window_ms / 1000.0
+                                      if options.predict_batch_window_ms >= 0 else None),
+        predict_instances=options.predict_instances,
+        data_limits=DataLimits(max_decompressed_bytes=options.max_data_mb << 20, allow_download=options.allow_download),
+    )
+
+
 def serve(options: ServerOptions) -> int:
     """Runs a server until it is told to stop; returns the process exit code."""
     from evolve.errors import StateDirLockedError  # noqa: PLC0415 (no JAX)
@@ -702,13 +770,14 @@ def serve(options: ServerOptions) -> int:
 
     configure_logging(options.log_level, options.log_format)
     configure_devices(options.devices)
-    lock = StateDirLock(options.state_dir)
-    try:
-        holder = lock.acquire()  # held until the process exits, kill -9 included
-    except (StateDirLockedError, OSError) as error:
-        logger.error("cannot start the server: %s", error)
-        return 1
-    logger.info("state directory %s locked (pid %d)", lock.state_dir, holder.pid)
+    lock = None if options.read_only else StateDirLock(options.state_dir)  # replicas write nothing: no lock
+    if lock is not None:
+        try:
+            holder = lock.acquire()  # held until the process exits, kill -9 included
+        except (StateDirLockedError, OSError) as error:
+            logger.error("cannot start the server: %s", error)
+            return 1
+        logger.info("state directory %s locked (pid %d)", lock.state_dir, holder.pid)
     from evolve.data import tfds_source  # noqa: PLC0415
 
     # Before any thread serves calls: importing tfds later would race them (see preload).
@@ -721,7 +790,8 @@ def serve(options: ServerOptions) -> int:
     try:
         return server.run()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def serve_from_args(args: argparse.Namespace) -> int:

@@ -129,6 +129,35 @@ def test_bearer_tokens_and_checks():
         AuthInterceptor(None, "read")
 
 
+
+def test_a_read_only_server_refuses_authorised_changes_only():
+    submit, predict = "/evolve.v1.EvolutionService/SubmitTask", "/evolve.v1.EvolutionService/Predict"
+    cancel = "/google.longrunning.Operations/CancelOperation"
+    replica = AuthInterceptor("full", read_only=True)
+    for method in (submit, cancel):
+        code, message = replica.check(method, [("authorization", "Bearer full")])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "read-only replica" in message
+    assert replica.check(predict, [("authorization", "Bearer full")]) is None
+    assert replica.check(submit, [])[0] == grpc.StatusCode.UNAUTHENTICATED  # no token: the token's answer first
+    assert AuthInterceptor(None, read_only=True).check(submit, [])[0] == grpc.StatusCode.FAILED_PRECONDITION
+    assert AuthInterceptor(None, read_only=True).check("/grpc.health.v1.Health/Check", []) is None
+
+
+def test_read_only_flags():
+    import argparse
+
+    from service.server import add_serve_arguments, options_from_args
+
+    def options(*argv):
+        return options_from_args(add_serve_arguments(argparse.ArgumentParser()).parse_args(list(argv)))
+
+    assert (options().read_only, options().follow_seconds) == (False, 2.0)
+    assert (options("--read-only", "--follow-seconds", "0.5").read_only, options("--follow-seconds", "0.5").follow_seconds) \
+        == (True, 0.5)
+    with pytest.raises(ValueError, match="--follow-seconds must be positive"):
+        options("--read-only", "--follow-seconds", "0")
+
+
 # ---- event log -------------------------------------------------------------------------------
 
 
