@@ -7,7 +7,6 @@ picks up a task the writer finishes while it runs."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import grpc
@@ -15,22 +14,13 @@ import numpy as np
 import pytest
 
 from service.gen.evolve.v1 import evolve_pb2, evolve_pb2_grpc
+from tests.test_replica import _files
 from tests.service.test_server_e2e import TIMEOUT, image_tensor, probe_images, submit_request, wait_done
 
 logger = logging.getLogger(__name__)
 PICK_UP_TIMEOUT = 60.0  # seconds from the writer's commit to the replica serving it (polls every 0.5 s)
 
 pytestmark = pytest.mark.slow
-
-
-def _files(state_dir) -> dict[str, tuple[int, int]]:
-    found = {}
-    for root, dirs, files in os.walk(state_dir):
-        for name in dirs + files:
-            path = os.path.join(root, name)
-            status = os.stat(path)
-            found[os.path.relpath(path, state_dir)] = (status.st_size if name in files else 0, status.st_mtime_ns)
-    return found
 
 
 def _probabilities(stub, task: str) -> tuple[int, np.ndarray]:
