@@ -95,6 +95,7 @@ class BenchOptions:
     evolved_only: bool = False
     baselines_only: bool = False
     overrides: tuple[tuple[str, str], ...] = ()
+    compilation_cache: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
     parser.add_argument("--baseline-cache", default=None,
                         help="directory caching the scratch / fine-tune results per seed and recipe (they do not "
                              "depend on the engine), so that engine changes can be measured without retraining them")
+    parser.add_argument("--compilation-cache", default=None, metavar="DIR",
+                        help="JAX persistent compilation cache for the engine and the baselines (e.g. "
+                             "bench/.cache/xla): a rerun reads the programs an earlier run compiled; results are "
+                             "the same, only faster (default: off)")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {"seeds": [0, 1], "generations": [4, 8], "baseline_steps": MATCHED}
     options = BenchOptions(
@@ -150,6 +155,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchOptions:
         evolved_only=args.evolved_only,
         baselines_only=args.baselines_only,
         overrides=tuple(tuple(item.split("=", 1)) for item in args.set),
+        compilation_cache=args.compilation_cache,
     )
     if options.evolved_only and options.baselines_only:
         parser.error("--evolved-only and --baselines-only exclude each other")
@@ -786,6 +792,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # force: an imported library (via evolve) already installed a WARNING-level root handler.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s", force=True)
     options = parse_args(argv)
+    if options.compilation_cache:
+        from evolve.engine import enable_compilation_cache  # noqa: PLC0415
+
+        enable_compilation_cache(options.compilation_cache)
     report = run(options)
     print_summary(report)
     line = json.dumps(finite(report), sort_keys=True, allow_nan=False)
