@@ -55,13 +55,17 @@ class ServerProcess:
     """
 
     def __init__(self, state_dir: str | os.PathLike, *, port: int = 0, overrides: Sequence[str] = (),
-                 token: str | None = None, host: str = "127.0.0.1", extra_args: Sequence[str] = ()):
+                 token: str | None = None, host: str = "127.0.0.1", extra_args: Sequence[str] = (),
+                 run_dir: str | os.PathLike | None = None):
+        """`run_dir`: where the server's log and port file go (default: the
+        state directory; a read-only replica's must be elsewhere)."""
         self.state_dir = Path(state_dir)
+        self.run_dir = Path(run_dir) if run_dir is not None else self.state_dir
         self.host = host
         self.port = port
         self.token = token
-        self.log_path = self.state_dir / SERVER_LOG
-        self.port_file = self.state_dir / "server.port"
+        self.log_path = self.run_dir / SERVER_LOG
+        self.port_file = self.run_dir / "server.port"
         self.command = [sys.executable, "-m", "service.server", "--host", host, "--port", str(port),
                         "--port-file", str(self.port_file), "--state-dir", str(self.state_dir)]
         for override in overrides:
@@ -74,7 +78,7 @@ class ServerProcess:
         return f"{self.host}:{self.port}"
 
     def start(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port_file.unlink(missing_ok=True)
         # The demo decides the server's settings: EVOLVE_* variables meant for
         # another server (TLS, a token, a configuration) must not leak in.
