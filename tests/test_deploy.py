@@ -267,6 +267,33 @@ def one(documents: list[dict], kind: str, name: str | None = None) -> dict:
     return found[0]
 
 
+SERVER_KINDS = ("StatefulSet", "Deployment")
+
+
+def servers(documents: list[dict]) -> list[dict]:
+    """The workloads that run the server: the writer's StatefulSet, and the
+    read-only replicas' Deployment where an overlay has them."""
+    found = [doc for doc in documents if doc["kind"] in SERVER_KINDS]
+    assert [doc["kind"] for doc in found].count("StatefulSet") == 1, "one writing server"
+    return found
+
+
+def is_replica(workload: dict) -> bool:
+    return env_of(server_container(workload)).get("EVOLVE_READ_ONLY", {}).get("value") == "true"
+
+
+def state_claim(documents: list[dict], workload: dict) -> tuple[dict, dict]:
+    """(the claim's spec, the container's mount) of the state volume: the
+    StatefulSet's own claim template, or a PersistentVolumeClaim it mounts."""
+    container = server_container(workload)
+    mount = mounts_of(container)["state"]
+    templates = {t["metadata"]["name"]: t["spec"] for t in workload["spec"].get("volumeClaimTemplates", [])}
+    if "state" in templates:
+        return templates["state"], mount
+    claim = volumes_of(workload)["state"]["persistentVolumeClaim"]["claimName"]
+    return one(documents, "PersistentVolumeClaim", claim)["spec"], mount
+
+
 def server_container(statefulset: dict) -> dict:
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
     assert container["name"] == "evolve"
@@ -420,23 +447,31 @@ def test_a_dedicated_namespace_on_every_namespaced_resource():
 
 @pytest.mark.parametrize("name", workload_kustomizations())
 def test_the_server_reads_port_state_directory_and_token_file_from_the_manifest(name, server_settings):
-    statefulset = one(rendered(name), "StatefulSet")
-    assert statefulset["spec"]["replicas"] == 1  # one server holds the one system
+    documents = rendered(name)
+    for statefulset in servers(documents):
+        _check_server_settings(documents, statefulset, server_settings)
+
+
+def _check_server_settings(documents: list[dict], statefulset: dict, server_settings) -> None:
+    replica = is_replica(statefulset)
+    if not replica:
+        assert statefulset["kind"] == "StatefulSet" and statefulset["spec"]["replicas"] == 1  # one writer
     container = server_container(statefulset)
     args, help_text = server_settings(container)
+    assert (str(args.read_only).lower() == "true") is replica  # EVOLVE_READ_ONLY=true, as the server reads it
     ports = container_ports(container)
     assert args.host == "0.0.0.0"
     assert args.port == ports["grpc"] == int(environment()["EVOLVE_PORT"]) == 8500
     assert args.metrics_port == ports["metrics"]
-    # The state directory: the PVC of the volumeClaimTemplate, where the image keeps it.
-    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
-    state_mount = mounts_of(container)[claim["metadata"]["name"]]
-    assert not state_mount.get("readOnly")
+    # The state directory: a PVC (the writer's own, or one shared with the
+    # replicas), where the image keeps it; read-only in a replica.
+    claim, state_mount = state_claim(documents, statefulset)
+    assert bool(state_mount.get("readOnly")) is replica
     volumes = [v for arguments in instruction("VOLUME") for v in exec_form(arguments)]
     assert args.state_dir == state_mount["mountPath"] == environment()["EVOLVE_STATE_DIR"]
     assert args.state_dir in volumes
-    assert "ReadWriteOnce" in claim["spec"]["accessModes"]
-    assert quantity(claim["spec"]["resources"]["requests"]["storage"]) >= 2**30
+    assert {"ReadWriteOnce", "ReadWriteMany"} & set(claim["accessModes"])
+    assert quantity(claim["resources"]["requests"]["storage"]) >= 2**30
     # The token: a file of the mounted Secret, given as --token-file (EVOLVE_TOKEN_FILE).
     secret, mount = token_secret(statefulset)
     directory, _, key = args.token_file.rpartition("/")
@@ -456,7 +491,11 @@ def test_the_server_reads_port_state_directory_and_token_file_from_the_manifest(
 
 @pytest.mark.parametrize("name", workload_kustomizations())
 def test_probes_are_native_grpc_health_checks(name):
-    statefulset = one(rendered(name), "StatefulSet")
+    for statefulset in servers(rendered(name)):
+        _check_probes(statefulset)
+
+
+def _check_probes(statefulset: dict) -> None:
     container = server_container(statefulset)
     for probe in PROBES:
         handlers = [handler for handler in PROBE_HANDLERS if handler in container[probe]]
@@ -468,12 +507,17 @@ def test_probes_are_native_grpc_health_checks(name):
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
     pod = statefulset["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] >= 120  # the checkpoint drain on SIGTERM
+    # The writer's checkpoint drain on SIGTERM; a replica only finishes its calls.
+    assert pod["terminationGracePeriodSeconds"] >= (30 if is_replica(statefulset) else 120)
 
 
 @pytest.mark.parametrize("name", workload_kustomizations())
 def test_token_is_a_secret_file_never_an_environment_variable(name):
-    statefulset = one(rendered(name), "StatefulSet")
+    for statefulset in servers(rendered(name)):
+        _check_token_secret(statefulset)
+
+
+def _check_token_secret(statefulset: dict) -> None:
     pod = statefulset["spec"]["template"]["spec"]
     container = server_container(statefulset)
     for entry in env_of(container).values():
@@ -522,7 +566,11 @@ def test_readme_creates_the_secret_the_statefulset_mounts():
 
 @pytest.mark.parametrize("name", workload_kustomizations())
 def test_non_root_read_only_and_no_privileges(name):
-    statefulset = one(rendered(name), "StatefulSet")
+    for statefulset in servers(rendered(name)):
+        _check_no_privileges(statefulset)
+
+
+def _check_no_privileges(statefulset: dict) -> None:
     pod = statefulset["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False  # the server never calls the Kubernetes API
     assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
@@ -539,10 +587,12 @@ def test_non_root_read_only_and_no_privileges(name):
         assert context["readOnlyRootFilesystem"] is True
         assert context["capabilities"]["drop"] == ["ALL"] and not context["capabilities"].get("add")
         assert not any("hostPort" in port for port in container["ports"])
-    # Read-only root: every place the server writes is a volume (state, /tmp, $HOME of the image).
+    # Read-only root: every place the server writes is a volume (state, /tmp,
+    # $HOME of the image); a replica does not write its state directory.
     container = server_container(statefulset)
     mounted = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
-    for path in (environment()["EVOLVE_STATE_DIR"], "/tmp", environment()["HOME"]):
+    writes = ("/tmp", environment()["HOME"]) + (() if is_replica(statefulset) else (environment()["EVOLVE_STATE_DIR"],))
+    for path in writes:
         assert path in mounted and not mounted[path].get("readOnly"), f"{path} is not writable"
     allowed = {"secret", "emptyDir", "persistentVolumeClaim", "configMap", "projected", "ephemeral", "name"}
     for volume in volumes_of(statefulset).values():  # the Pod Security "restricted" volume types
@@ -551,7 +601,11 @@ def test_non_root_read_only_and_no_privileges(name):
 
 @pytest.mark.parametrize("name", workload_kustomizations())
 def test_cpu_memory_and_scratch_space_are_bounded(name):
-    statefulset = one(rendered(name), "StatefulSet")
+    for statefulset in servers(rendered(name)):
+        _check_bounded(statefulset)
+
+
+def _check_bounded(statefulset: dict) -> None:
     for container in statefulset["spec"]["template"]["spec"]["containers"]:
         resources = container["resources"]
         for resource in ("cpu", "memory", "ephemeral-storage"):
@@ -570,7 +624,11 @@ def test_cpu_memory_and_scratch_space_are_bounded(name):
 @pytest.mark.parametrize("name", workload_kustomizations())
 def test_network_policy_selects_the_pods_and_opens_only_their_ports(name):
     documents = rendered(name)
-    statefulset = one(documents, "StatefulSet")
+    for statefulset in servers(documents):
+        _check_network_policy(documents, statefulset)
+
+
+def _check_network_policy(documents: list[dict], statefulset: dict) -> None:
     container = server_container(statefulset)
     labels = statefulset["spec"]["template"]["metadata"]["labels"]
     policies = [doc for doc in documents if doc["kind"] == "NetworkPolicy"
@@ -592,7 +650,7 @@ def test_network_policy_selects_the_pods_and_opens_only_their_ports(name):
     for rule in allowed[ports["metrics"]]:
         assert rule.get("from"), "the metrics port is open to any source"
     # What the Service sends to is allowed.
-    service = one(documents, "Service", "evolve")
+    service = one(documents, "Service", "evolve-read" if is_replica(statefulset) else "evolve")
     for port in service["spec"]["ports"]:
         assert resolve_port(container, port["targetPort"]) in allowed
 
@@ -600,27 +658,37 @@ def test_network_policy_selects_the_pods_and_opens_only_their_ports(name):
 @pytest.mark.parametrize("name", workload_kustomizations())
 def test_services_reach_the_grpc_port_of_the_server_pods(name):
     documents = rendered(name)
-    statefulset = one(documents, "StatefulSet")
+    for statefulset in servers(documents):
+        _check_services(documents, statefulset)
+
+
+def _check_services(documents: list[dict], statefulset: dict) -> None:
     container = server_container(statefulset)
     labels = statefulset["spec"]["template"]["metadata"]["labels"]
     assert statefulset["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    service = one(documents, "Service", "evolve")
+    # Changes go to the writer's Service, never to a replica; reads may use evolve-read.
+    service = one(documents, "Service", "evolve-read" if is_replica(statefulset) else "evolve")
+    selecting = [doc["metadata"]["name"] for doc in documents if doc["kind"] == "Service"
+                 and doc["spec"]["selector"].items() <= labels.items()]
+    assert (is_replica(statefulset) and "evolve" not in selecting) or not is_replica(statefulset), selecting
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     assert service["spec"]["selector"].items() <= labels.items()
     (port,) = service["spec"]["ports"]
     assert port["name"] == "grpc" and port["port"] == 8500 and port.get("appProtocol") == "grpc"
     assert resolve_port(container, port["targetPort"]) == container_ports(container)["grpc"]
+    if statefulset["kind"] != "StatefulSet":
+        return
     governing = one(documents, "Service", statefulset["spec"]["serviceName"])
     assert governing["spec"]["clusterIP"] == "None"
     assert governing["spec"]["selector"].items() <= labels.items()
 
 
 def test_images_carry_the_project_version_and_the_jax_flavour():
-    flavours = {".": "", "base": "", "overlays/gpu": "-cuda12"}
+    flavours = {".": "", "base": "", "overlays/gpu": "-cuda12", "overlays/serving": ""}
     assert set(flavours) == set(workload_kustomizations()), "a new overlay: say which image it runs"
     for name, suffix in flavours.items():
-        container = server_container(one(rendered(name), "StatefulSet"))
-        assert container["image"] == f"evolve:{PROJECT_VERSION}{suffix}", name
+        for workload in servers(rendered(name)):
+            assert server_container(workload)["image"] == f"evolve:{PROJECT_VERSION}{suffix}", name
 
 
 def test_gpu_overlay_requests_one_gpu():
@@ -639,6 +707,40 @@ def test_gpu_overlay_requests_one_gpu():
     for key in (*PROBES, "securityContext", "volumeMounts", "ports"):
         assert container[key] == server_container(base)[key], key
     assert pod["volumes"] == base["spec"]["template"]["spec"]["volumes"]
+
+
+def test_serving_overlay_runs_read_only_replicas_of_the_writer_s_store():
+    documents = rendered("overlays/serving")
+    writer = one(documents, "StatefulSet")
+    replicas = one(documents, "Deployment", "evolve-replica")
+    assert not is_replica(writer) and is_replica(replicas)
+    assert "volumeClaimTemplates" not in writer["spec"]
+    # Both mount the one ReadWriteMany claim at the state directory: the writer read-write, replicas read-only.
+    writer_claim, writer_mount = state_claim(documents, writer)
+    replica_claim, replica_mount = state_claim(documents, replicas)
+    assert writer_claim is replica_claim or writer_claim == replica_claim
+    assert volumes_of(writer)["state"]["persistentVolumeClaim"]["claimName"] == \
+        volumes_of(replicas)["state"]["persistentVolumeClaim"]["claimName"]
+    assert writer_claim["accessModes"] == ["ReadWriteMany"]
+    assert writer_mount["mountPath"] == replica_mount["mountPath"]
+    assert not writer_mount.get("readOnly") and replica_mount["readOnly"] is True
+    assert volumes_of(replicas)["state"]["persistentVolumeClaim"]["readOnly"] is True
+    # The autoscaler scales the replicas, never the writer.
+    autoscaler = one(documents, "HorizontalPodAutoscaler")
+    target = autoscaler["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "evolve-replica")
+    assert 1 <= autoscaler["spec"]["minReplicas"] < autoscaler["spec"]["maxReplicas"]
+    # The writer's Service reaches the writer only; evolve-read the replicas only.
+    writer_labels = writer["spec"]["template"]["metadata"]["labels"]
+    replica_labels = replicas["spec"]["template"]["metadata"]["labels"]
+    assert one(documents, "Service", "evolve")["spec"]["selector"].items() <= writer_labels.items()
+    assert not one(documents, "Service", "evolve-read")["spec"]["selector"].items() <= writer_labels.items()
+    assert one(documents, "Service", "evolve-read")["spec"]["selector"].items() <= replica_labels.items()
+    # In everything else the replicas run as the writer does.
+    writer_container, replica_container = server_container(writer), server_container(replicas)
+    for key in (*PROBES, "securityContext", "ports", "image"):
+        assert replica_container[key] == writer_container[key], key
+    assert replicas["spec"]["template"]["spec"]["securityContext"] == writer["spec"]["template"]["spec"]["securityContext"]
 
 
 def checkov_skips(documents: list[dict]) -> dict[str, str]:
