@@ -19,7 +19,6 @@ the ratio batched / alone, and one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
+import benchmain  # noqa: E402
 import serving  # noqa: E402  (sets up sys.path and the JAX memory environment)
 
 TASK = "digits"
@@ -150,10 +150,7 @@ def print_table(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    results = run(parse_args(argv))
-    print_table(results)
-    print(json.dumps(results, sort_keys=True))
-    return 0
+    return benchmain.run_main(parse_args, run, print_table, argv, always_json=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ policy, the ratios, and one JSON line with --json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -31,6 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import benchmain  # noqa: E402
 import serving  # noqa: E402  (sets up sys.path and the JAX memory environment)
 
 TASK = "digits"
@@ -191,12 +191,7 @@ def print_table(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    results = run(args)
-    print_table(results)
-    if args.json:
-        print(json.dumps(results, sort_keys=True))
-    return 0
+    return benchmain.run_main(parse_args, run, print_table, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -33,6 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import benchmain  # noqa: E402
 import serving  # noqa: E402  (sets up sys.path and the JAX memory environment)
 
 TASK, NEW_TASK = "digits", "digits_parity"
@@ -165,12 +165,7 @@ def print_table(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    results = run(args)
-    print_table(results)
-    if args.json:
-        print(json.dumps(results, sort_keys=True))
-    return 0
+    return benchmain.run_main(parse_args, run, print_table, argv)
 
 
 if __name__ == "__main__":

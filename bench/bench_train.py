@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import statistics
 import sys
@@ -58,6 +57,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import benchmain  # noqa: E402
 from evolve.config import VIT_SIZES  # noqa: E402
 from evolve.data import preprocess_eval  # noqa: E402
 from evolve.models import vit  # noqa: E402
@@ -351,12 +351,7 @@ def print_table(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    results = run(args)
-    print_table(results)
-    if args.json:
-        print(json.dumps(results, sort_keys=True))
-    return 0
+    return benchmain.run_main(parse_args, run, print_table, argv)
 
 
 if __name__ == "__main__":
