@@ -8,8 +8,8 @@ Predict then run the real code on it, each N in fresh processes:
 
   build   saves the N tasks, brings retention to its steady state, then adds
           one task and saves, three times: the median seconds of such a save,
-          and the bytes it wrote (its new component directories and its
-          manifest step);
+          and the bytes it wrote (its new component directories, its new
+          record files and its manifest step);
   serve   a new process restores the state directory and warms it up, as a
           server does before it reports SERVING (time to SERVING); then
           GetTask of random tasks, ListTasks pages of 50 at random offsets
@@ -78,15 +78,18 @@ def build(num_tasks: int, state_dir: str, saves: int) -> dict:
 
     engine, rng, first = synthetic_system(num_tasks, state_dir)
     seconds, written = [], []
-    components = os.path.join(state_dir, "components")
+    components, records = os.path.join(state_dir, "components"), os.path.join(state_dir, "records")
     for i in range(saves):
         add_synthetic_task(engine, f"t{num_tasks + i:05d}", rng)
         engine.refresh_views()
+        records_before = set(os.listdir(records)) if os.path.isdir(records) else set()
         started = time.perf_counter()
         step = engine.save()
         seconds.append(time.perf_counter() - started)
         own = [c for c in engine.system.components.values() if c.origin == f"t{num_tasks + i:05d}"]
+        new_records = set(os.listdir(records)) - records_before if os.path.isdir(records) else set()
         written.append(sum(_tree_bytes(os.path.join(components, c.id)) for c in own)
+                       + sum(os.path.getsize(os.path.join(records, name)) for name in new_records)
                        + _tree_bytes(os.path.join(state_dir, "manifest", str(step))))
     return {"tasks": num_tasks, "first_save_s": first, "save_s": statistics.median(seconds),
             "save_bytes": int(statistics.median(written)),

@@ -3,12 +3,21 @@
 Layout under the state directory:
   components/<id>/   one orbax checkpoint per component, written once: a
                      component never changes after it is created;
+  records/<sha>.json one JSON file per task, written once and named by the
+                     SHA-256 of its contents: the task's record (spec,
+                     status, classes, probes) and its paths (components,
+                     hyperparameters with the learned mu values, scores);
+                     the root's paths have a record of their own;
   manifest/<step>/   an orbax CheckpointManager step holding a JSON manifest
-                     (paths, populations, tasks, learned mu values inside the
-                     paths' hyperparameters, configuration, component ids
-                     with content hashes, and the caller's `extra` state).
+                     (populations, served paths, configuration, component ids
+                     with content hashes, each task's record file, and the
+                     caller's `extra` state).
+A save writes the records of the tasks that changed, and a manifest that
+names every record (issue 12: a save costs what changed, not the system).
 The manifest is committed last and atomically, so a step is complete or
-absent. Restore takes the newest step whose manifest reads, and checks every
+absent; a record it names that is missing or fails its hash makes the step
+unusable, as an unreadable manifest does. Manifests of format 1 (everything
+in the manifest) are still restored. Restore takes the newest step whose manifest reads, and checks every
 component against its content hash. A missing or corrupt component takes down
 only the tasks whose served path uses it: they are restored DAMAGED (never
 silently rolled back to an older step), everything else serves, and the
@@ -29,8 +38,10 @@ replaced, never taken for the new component.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -50,8 +61,9 @@ from evolve.types import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: tasks and paths inside the manifest (still restored)
 KEEP_MANIFESTS = 5
+RECORDS = "records"
 HASH_KEY = "content_hash"  # in each component's orbax custom metadata
 
 
@@ -60,6 +72,7 @@ class Written:
     step: int
     new_components: int
     component_ids: tuple[str, ...] = ()  # the component directories this save wrote
+    record_files: tuple[str, ...] = ()  # the record files (under records/) this save wrote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +85,56 @@ class Restored:
 
 def _components_dir(state_dir: str) -> str:
     return os.path.join(os.path.abspath(state_dir), "components")
+
+
+def _records_dir(state_dir: str) -> str:
+    return os.path.join(os.path.abspath(state_dir), RECORDS)
+
+
+def _record_text(record: Mapping[str, Any]) -> tuple[str, str]:
+    """(the JSON a record file holds, its SHA-256). Keys keep their order: a
+    path's components are in forward order."""
+    text = json.dumps(record, separators=(",", ":"), allow_nan=True)
+    return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _write_record(state_dir: str, sha: str, text: str) -> bool:
+    """Writes a record file unless it exists (its name is its content's hash);
+    durable before it returns. Returns whether it wrote."""
+    directory = _records_dir(state_dir)
+    path = os.path.join(directory, f"{sha}.json")
+    if os.path.exists(path):
+        return False
+    os.makedirs(directory, exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)  # the rename itself is durable before the manifest commits
+    finally:
+        os.close(descriptor)
+    return True
+
+
+def _read_record(state_dir: str, sha: str) -> dict[str, Any]:
+    path = os.path.join(_records_dir(state_dir), f"{sha}.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise CorruptCheckpointError(f"record {sha[:12]} cannot be read: {error}") from error
+    if hashlib.sha256(text.encode("utf-8")).hexdigest() != sha:
+        raise CorruptCheckpointError(f"record {sha[:12]} fails its content hash")
+    return json.loads(text)
 
 
 def _manager(state_dir: str, *, read_only: bool = False) -> ocp.CheckpointManager:
@@ -165,7 +228,30 @@ def _spec_record(spec: TaskSpec) -> dict[str, Any]:
     return spec_to_dict(spec)
 
 
-def _manifest(system: System, extra: Mapping[str, Any]) -> dict[str, Any]:
+def _task_record(record: TaskRecord) -> dict[str, Any]:
+    return {
+        "spec": _spec_record(record.spec), "status": record.status.value, "num_classes": record.num_classes,
+        "class_names": list(record.class_names), "message": record.message,
+        "probes": [dataclasses.asdict(p) for p in record.probes],
+        "examples": list(record.examples) if record.examples else None,
+    }
+
+
+def _records(system: System) -> dict[str, dict[str, Any]]:
+    """Each record file's contents, by group: a task's name (its record and
+    its paths), or the task a path belongs to that has no record (the root)."""
+    paths: dict[str, dict[str, Any]] = {}
+    for path in system.paths.values():
+        paths.setdefault(path.task, {})[path.id] = path_record(path)
+    return {
+        group: {"task": _task_record(system.tasks[group]) if group in system.tasks else None,
+                "paths": paths.get(group, {})}
+        for group in system.tasks.keys() | paths.keys()
+    }
+
+
+def _manifest(system: System, extra: Mapping[str, Any], records: Mapping[str, str]) -> dict[str, Any]:
+    """The manifest of format 2: everything but what the record files hold."""
     return {
         "format": FORMAT_VERSION,
         "config": dataclasses.asdict(system.config),
@@ -183,18 +269,9 @@ def _manifest(system: System, extra: Mapping[str, Any]) -> dict[str, Any]:
                 for c in system.components.values()
             },
         },
-        "paths": {p.id: path_record(p) for p in system.paths.values()},
         "best": {**system.damaged_best, **system.best},
         "populations": {t: list(ids) for t, ids in system.populations.items()},
-        "tasks": {
-            name: {
-                "spec": _spec_record(r.spec), "status": r.status.value, "num_classes": r.num_classes,
-                "class_names": list(r.class_names), "message": r.message,
-                "probes": [dataclasses.asdict(p) for p in r.probes],
-                "examples": list(r.examples) if r.examples else None,
-            }
-            for name, r in system.tasks.items()
-        },
+        "records": dict(records),
         "extra": dict(extra),
     }
 
@@ -220,6 +297,13 @@ class Store:
         self.referenced: dict[int, frozenset[str]] = {}
         self.uncommitted: set[str] = set()  # written by a save that has not committed
         self.swept = False
+        # Record files: each group's last record and its hash (a save writes
+        # the groups whose record changed), the hashes known on disk, those
+        # each retained step names, and those written but not committed.
+        self.records: dict[str, tuple[dict[str, Any], str]] = {}
+        self.record_files: set[str] = set()
+        self.referenced_records: dict[int, frozenset[str]] = {}
+        self.uncommitted_records: set[str] = set()
 
 
 def save(
@@ -242,19 +326,44 @@ def save(
                 new.append(component.id)
                 store.uncommitted.add(component.id)
             store.written[component.id] = component.content_hash
-        manifest = _manifest(system, extra or {})
+        hashes, new_records = _write_records(system, state_dir, store)
+        manifest = _manifest(system, extra or {}, hashes)
         manager = _manager(state_dir)
         step = (manager.latest_step() or 0) + 1
         manager.save(step, args=ocp.args.Composite(manifest=ocp.args.JsonSave(manifest)))
         manager.wait_until_finished()
         store.referenced[step] = frozenset(manifest["components"])
+        store.referenced_records[step] = frozenset(manifest["records"].values())
         _collect_component_files(store, manager)
         manager.close()
     except Exception as error:
         if not isinstance(error, (OSError, ValueError, RuntimeError)) and not statedir.is_disk_full(error):
             raise
         raise storage_error(state_dir, error) from error
-    return Written(step, len(new), tuple(new))
+    return Written(step, len(new), tuple(new), tuple(f"{sha}.json" for sha in new_records))
+
+
+def _write_records(system: System, state_dir: str, store: Store) -> tuple[dict[str, str], list[str]]:
+    """Writes the record files of the groups whose record changed since the
+    store last saw them; returns every group's record hash, and the hashes
+    of the files it wrote."""
+    hashes, written = {}, []
+    for group, record in _records(system).items():
+        known = store.records.get(group)
+        if known is not None and known[0] == record and known[1] in store.record_files:
+            hashes[group] = known[1]
+            continue
+        text, sha = _record_text(record)
+        if sha not in store.record_files:
+            if _write_record(state_dir, sha, text):
+                store.uncommitted_records.add(sha)
+                written.append(sha)
+            store.record_files.add(sha)
+        store.records[group] = (record, sha)
+        hashes[group] = sha
+    for group in store.records.keys() - hashes.keys():
+        del store.records[group]
+    return hashes, written
 
 
 def storage_error(state_dir: str, error: BaseException) -> StorageError:
@@ -272,26 +381,39 @@ def _collect_component_files(store: Store, manager: ocp.CheckpointManager) -> No
     failed saves are looked at."""
     retained = set(manager.all_steps())
     dropped: set[str] = set()
+    dropped_records: set[str] = set()
     for step in list(store.referenced):
         if step not in retained:
             dropped |= store.referenced.pop(step)
+            dropped_records |= store.referenced_records.pop(step, frozenset())
     for step in retained - store.referenced.keys():
         try:
-            store.referenced[step] = frozenset(_read_manifest(manager, step)["components"])
+            old = _read_manifest(manager, step)
+            store.referenced[step] = frozenset(old["components"])
+            store.referenced_records[step] = frozenset(old.get("records", {}).values())
         except Exception:  # an unreadable old step protects nothing
             logger.warning("manifest step %s unreadable while collecting garbage", step)
-            store.referenced[step] = frozenset()
+            store.referenced[step] = store.referenced_records[step] = frozenset()
     referenced = frozenset().union(*store.referenced.values())
-    root = _components_dir(store.state_dir)
+    referenced_records = frozenset().union(*store.referenced_records.values())
+    root, records = _components_dir(store.state_dir), _records_dir(store.state_dir)
     if store.swept:
         candidates = dropped | store.uncommitted
+        record_candidates = {f"{sha}.json" for sha in dropped_records | store.uncommitted_records}
     else:
         candidates = set(os.listdir(root)) if os.path.isdir(root) else set()
+        record_candidates = set(os.listdir(records)) if os.path.isdir(records) else set()
         store.swept = True
     store.uncommitted.clear()
+    store.uncommitted_records.clear()
     for name in candidates - referenced:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         store.written.pop(name, None)
+    kept = {f"{sha}.json" for sha in referenced_records}
+    for name in record_candidates - kept:  # a killed write's temporary file included
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(records, name))
+        store.record_files.discard(name.removesuffix(".json"))
 
 
 def _read_manifest(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -308,11 +430,22 @@ def _reused(known: Mapping[str, Component], meta: Mapping[str, Any], component_i
     return dataclasses.replace(component, locked_by=frozenset(meta["locked_by"]), trained=meta["trained"])
 
 
+def _expanded(state_dir: str, manifest: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, tuple[dict, str]]]:
+    """A manifest with its tasks and paths in it (format 1's shape), and each
+    group's record and hash as read (none for format 1)."""
+    if manifest.get("format") == 1:
+        return dict(manifest), {}
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CorruptCheckpointError(f"unknown manifest format {manifest.get('format')!r}")
+    records = {group: (_read_record(state_dir, sha), sha) for group, sha in manifest["records"].items()}
+    tasks = {group: record["task"] for group, (record, _) in records.items() if record["task"] is not None}
+    paths = {pid: data for record, _ in records.values() for pid, data in record["paths"].items()}
+    return {**manifest, "tasks": tasks, "paths": paths}, records
+
+
 def _system_from_manifest(
     state_dir: str, manifest: Mapping[str, Any], known: Mapping[str, Component] | None = None,
 ) -> System:
-    if manifest.get("format") != FORMAT_VERSION:
-        raise CorruptCheckpointError(f"unknown manifest format {manifest.get('format')!r}")
     config_dict = dict(manifest["config"])
     config_dict["size"] = ViTSize(**config_dict["size"])
     config_dict["image_sizes"] = tuple(config_dict["image_sizes"])
@@ -404,7 +537,7 @@ def restore(
     errors = []
     for step in steps:
         try:
-            manifest = _read_manifest(manager, step)
+            manifest, records = _expanded(state_dir, _read_manifest(manager, step))
             system = _system_from_manifest(state_dir, manifest, known)
         except Exception as error:
             logger.error("checkpoint step %s is unusable (%s); trying the previous one", step, error)
@@ -416,6 +549,9 @@ def restore(
         store = Store(state_dir)
         store.written = {cid: component.content_hash for cid, component in system.components.items()}
         store.referenced[step] = frozenset(manifest["components"])
+        store.records = records
+        store.record_files = {sha for _, sha in records.values()}
+        store.referenced_records[step] = frozenset(store.record_files)
         return Restored(system, step, dict(manifest.get("extra", {})), store)
     manager.close()
     if not steps:

@@ -187,7 +187,7 @@ def export_task(state_dir: str, task: str, out_dir: str, *,
     the task is not READY) and InvalidArgumentError (a non-empty `out_dir`).
     """
     out_dir = _check_out_dir(out_dir)
-    restored = checkpoint.restore(state_dir)
+    restored = checkpoint.restore(state_dir, read_only=True)
     if restored is None:
         raise FailedPreconditionError("NO_CHECKPOINT", f"{os.path.abspath(state_dir)} holds no checkpoint")
     system = restored.system

@@ -26,6 +26,7 @@ inference calls for an unknown task never create a label.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -186,7 +187,7 @@ class ServerMetrics:
         self.checkpoint_seconds = Histogram("evolve_checkpoint_duration_seconds", "Time to write one checkpoint.",
                                             buckets=LATENCY_BUCKETS, registry=registry)
         self.checkpoint_bytes = Histogram(
-            "evolve_checkpoint_bytes", "Bytes one checkpoint wrote (new components and the manifest step).",
+            "evolve_checkpoint_bytes", "Bytes one checkpoint wrote (new components, new task records and the manifest step).",
             buckets=BYTES_BUCKETS, registry=registry)
         self.checkpoint_bytes_total = Counter("evolve_checkpoint_written_bytes", "Bytes written by checkpoints.",
                                               registry=registry)
@@ -235,13 +236,18 @@ class ServerMetrics:
             if written is None:
                 self.checkpoint_failures.inc()
             else:
-                self._observe_checkpoint(state_dir, written.step, written.component_ids, seconds)
+                self._observe_checkpoint(state_dir, written.step, written.component_ids, seconds,
+                                         written.record_files)
 
         engine.on_checkpoint = observe
 
-    def _observe_checkpoint(self, state_dir: str, step: int, new_components: Sequence[str], seconds: float) -> None:
+    def _observe_checkpoint(self, state_dir: str, step: int, new_components: Sequence[str], seconds: float,
+                            new_records: Sequence[str] = ()) -> None:
         written = directory_bytes(os.path.join(state_dir, "manifest", str(step)))
         written += sum(directory_bytes(os.path.join(state_dir, "components", name)) for name in new_components)
+        for name in new_records:
+            with contextlib.suppress(OSError):  # collected by a later save meanwhile
+                written += os.path.getsize(os.path.join(state_dir, "records", name))
         self.checkpoint_seconds.observe(seconds)
         self.checkpoint_bytes.observe(written)
         self.checkpoint_bytes_total.inc(written)

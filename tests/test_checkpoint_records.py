@@ -1,0 +1,146 @@
+"""The manifest split (issue 12): each task's record and paths live in a
+record file named by its content's hash, written once; a save writes the
+records of the tasks that changed and a manifest naming them all; retention
+deletes the records no kept step names; a damaged record makes its step
+unusable; format-1 manifests (everything inside) are still restored."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from evolve import checkpoint
+from evolve.engine import Engine
+from evolve.system import TaskRecord, TaskStatus
+from evolve.types import BundledSource, Component, Path, TaskSpec
+from tests.conftest import tiny_config
+
+
+def _add_task(engine: Engine, name: str) -> None:
+    """A READY task serving the root's body with a head of its own (no training)."""
+    system = engine.system
+    names = dict(system.root_path.components)
+    width = system.config.size.hidden_size
+    head = Component(system.new_id("c"), "head", {"kernel": np.full((width, 3), 0.01, np.float32),
+                                                  "bias": np.zeros((3,), np.float32)}, origin=name)
+    system.components[head.id] = head
+    names["head"] = head.id
+    path = Path(system.new_id("p"), name, names, dict(system.root_path.hparams))
+    system.paths[path.id] = path
+    system.tasks[name] = TaskRecord(TaskSpec(name, BundledSource("digits")), TaskStatus.READY, 3)
+    system.best[name] = path.id
+    system.populations[name] = [path.id]
+    system.lock(name, path)
+
+
+def _records(state_dir: str) -> set[str]:
+    directory = os.path.join(state_dir, checkpoint.RECORDS)
+    return set(os.listdir(directory)) if os.path.isdir(directory) else set()
+
+
+def _manifest(state_dir: str, step: int) -> dict:
+    manager = checkpoint._manager(state_dir, read_only=True)
+    try:
+        return checkpoint._read_manifest(manager, step)
+    finally:
+        manager.close()
+
+
+@pytest.fixture
+def engine(tmp_path):
+    engine = Engine.create(tiny_config(), state_dir=str(tmp_path / "state"))
+    for name in ("a", "b", "c"):
+        _add_task(engine, name)
+    engine.refresh_views()
+    engine.save()
+    return engine
+
+
+def test_a_save_writes_the_records_of_changed_tasks_only(engine, monkeypatch):
+    state_dir = engine.state_dir
+    serialised = []
+    real_text = checkpoint._record_text
+    monkeypatch.setattr(checkpoint, "_record_text", lambda record: serialised.append(record) or real_text(record))
+    manifest = _manifest(state_dir, engine.checkpoint_step)
+    assert manifest["format"] == checkpoint.FORMAT_VERSION
+    assert set(manifest["records"]) == {"a", "b", "c", "__root__"}
+    assert "tasks" not in manifest and "paths" not in manifest
+    assert _records(state_dir) == {f"{sha}.json" for sha in manifest["records"].values()}
+
+    before = _records(state_dir)
+    engine.save()  # nothing changed: no record serialised, none written
+    assert _records(state_dir) == before and serialised == []
+    engine.system.tasks["b"].message = "changed"
+    engine.save()
+    assert [record["task"]["message"] for record in serialised] == ["changed"]
+    new = _records(state_dir) - before
+    assert len(new) == 1
+    latest = _manifest(state_dir, engine.checkpoint_step)
+    assert new == {f"{latest['records']['b']}.json"}
+    assert {g: latest["records"][g] for g in "ac"} == {g: manifest["records"][g] for g in "ac"}
+
+    restored = checkpoint.restore(state_dir).system
+    assert restored.tasks["b"].message == "changed"
+    assert set(restored.paths) == set(engine.system.paths)
+    for path_id, path in engine.system.paths.items():  # forward order of components kept
+        assert list(restored.paths[path_id].components.items()) == list(path.components.items())
+
+
+def test_retention_deletes_records_no_kept_step_names(engine):
+    state_dir = engine.state_dir
+    first = _manifest(state_dir, engine.checkpoint_step)["records"]["a"]
+    for i in range(checkpoint.KEEP_MANIFESTS + 1):
+        engine.system.tasks["a"].message = f"version {i}"
+        engine.save()
+    steps = [int(s) for s in os.listdir(os.path.join(state_dir, "manifest")) if s.isdigit()]
+    assert len(steps) == checkpoint.KEEP_MANIFESTS
+    named = {f"{sha}.json" for step in steps for sha in _manifest(state_dir, step)["records"].values()}
+    assert _records(state_dir) == named
+    assert f"{first}.json" not in named
+    # A fresh process sweeps what a killed write left once: a temporary file, an unnamed record.
+    records = os.path.join(state_dir, checkpoint.RECORDS)
+    for leftover in ("0" * 64 + ".json", "f" * 64 + ".json.123.tmp"):
+        with open(os.path.join(records, leftover), "w") as handle:
+            handle.write("{}")
+    restored = Engine.restore(state_dir)
+    restored.save()
+    assert _records(state_dir) == {f"{sha}.json" for step in
+                                   [int(s) for s in os.listdir(os.path.join(state_dir, "manifest")) if s.isdigit()]
+                                   for sha in _manifest(state_dir, step)["records"].values()}
+
+
+def test_a_damaged_record_makes_its_step_unusable(engine):
+    state_dir = engine.state_dir
+    engine.system.tasks["c"].message = "newest"
+    engine.save()
+    newest = _manifest(state_dir, engine.checkpoint_step)["records"]["c"]
+    with open(os.path.join(state_dir, checkpoint.RECORDS, f"{newest}.json"), "a") as handle:
+        handle.write(" ")  # one byte more: fails its hash
+    restored = checkpoint.restore(state_dir)
+    assert restored.step == engine.checkpoint_step - 1
+    assert restored.system.tasks["c"].message == ""
+    os.remove(os.path.join(state_dir, checkpoint.RECORDS, f"{newest}.json"))
+    assert checkpoint.restore(state_dir).step == engine.checkpoint_step - 1
+
+
+def test_a_format_1_manifest_is_still_restored(engine):
+    """What the code before the split wrote: tasks and paths inside the manifest."""
+    state_dir, system = engine.state_dir, engine.system
+    old = checkpoint._manifest(system, {"note": "format 1"}, {})
+    del old["records"]
+    old.update(format=1, tasks={n: checkpoint._task_record(r) for n, r in system.tasks.items()},
+               paths={p.id: checkpoint.path_record(p) for p in system.paths.values()})
+    manager = checkpoint._manager(state_dir)
+    step = manager.latest_step() + 1
+    manager.save(step, args=ocp.args.Composite(manifest=ocp.args.JsonSave(old)))
+    manager.wait_until_finished()
+    manager.close()
+    restored = Engine.restore(state_dir)
+    assert restored.checkpoint_step == step and restored.restored_extra == {"note": "format 1"}
+    assert restored.tasks() == engine.tasks()
+    restored.save()  # and the next save writes format 2
+    assert _manifest(state_dir, restored.checkpoint_step)["format"] == checkpoint.FORMAT_VERSION
+    assert Engine.restore(state_dir).tasks() == engine.tasks()
