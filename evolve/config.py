@@ -145,6 +145,8 @@ class SearchConfig:
             value = getattr(self, name)
             if value not in COMPUTE_DTYPES:
                 raise ValueError(f"{name} must be one of {', '.join(COMPUTE_DTYPES)}, got {value!r}")
+        if not isinstance(self.remat, bool):  # "False" from a flag would be truthy
+            raise ValueError(f"remat must be true or false, got {self.remat!r}")
         if self.default_image_size not in self.image_sizes:
             raise ValueError(f"default_image_size {self.default_image_size} is not one of image_sizes "
                              f"{tuple(self.image_sizes)}")

@@ -110,3 +110,5 @@ def test_the_configuration_carries_both_options_into_every_structure():
     assert (chosen.remat, chosen.momentum_dtype) == (True, "bfloat16")
     with pytest.raises(ValueError, match="momentum_dtype must be one of float32, bfloat16"):
         get_config("tiny", momentum_dtype="float16")
+    with pytest.raises(ValueError, match="remat must be true or false"):
+        get_config("tiny", remat="False")
