@@ -145,8 +145,9 @@ class SearchConfig:
             value = getattr(self, name)
             if value not in COMPUTE_DTYPES:
                 raise ValueError(f"{name} must be one of {', '.join(COMPUTE_DTYPES)}, got {value!r}")
-        if not isinstance(self.remat, bool):  # "False" from a flag would be truthy
-            raise ValueError(f"remat must be true or false, got {self.remat!r}")
+        for field in dataclasses.fields(self):  # "False" from a flag would be a truthy string
+            if field.type == "bool" and not isinstance(getattr(self, field.name), bool):
+                raise ValueError(f"{field.name} must be true or false, got {getattr(self, field.name)!r}")
         if self.default_image_size not in self.image_sizes:
             raise ValueError(f"default_image_size {self.default_image_size} is not one of image_sizes "
                              f"{tuple(self.image_sizes)}")

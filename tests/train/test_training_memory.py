@@ -112,3 +112,5 @@ def test_the_configuration_carries_both_options_into_every_structure():
         get_config("tiny", momentum_dtype="float16")
     with pytest.raises(ValueError, match="remat must be true or false"):
         get_config("tiny", remat="False")
+    with pytest.raises(ValueError, match="adapters must be true or false"):
+        get_config("tiny", adapters=0)
