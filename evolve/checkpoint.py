@@ -17,8 +17,8 @@ names every record (issue 12: a save costs what changed, not the system).
 The manifest is committed last and atomically, so a step is complete or
 absent; a record it names that is missing or fails its hash makes the step
 unusable, as an unreadable manifest does. Manifests of format 1 (everything
-in the manifest) are still restored. Restore takes the newest step whose manifest reads, and checks every
-component against its content hash. A missing or corrupt component takes down
+in the manifest) are still restored. Restore takes the newest step whose
+manifest reads, and checks every component against its content hash. A missing or corrupt component takes down
 only the tasks whose served path uses it: they are restored DAMAGED (never
 silently rolled back to an older step), everything else serves, and the
 damaged component's entry is saved on, so repairing its files and restarting
@@ -376,9 +376,9 @@ def storage_error(state_dir: str, error: BaseException) -> StorageError:
 
 
 def _collect_component_files(store: Store, manager: ocp.CheckpointManager) -> None:
-    """Deletes component directories that no retained manifest references:
-    after the first sweep of a process, only those of dropped steps and of
-    failed saves are looked at."""
+    """Deletes component directories and record files that no retained
+    manifest references: after the first sweep of a process, only those of
+    dropped steps and of failed saves are looked at."""
     retained = set(manager.all_steps())
     dropped: set[str] = set()
     dropped_records: set[str] = set()

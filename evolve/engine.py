@@ -297,9 +297,13 @@ class Engine:
             return None
         engine = cls(restored.system, state_dir=state_dir, checkpoint_step=restored.step,
                      checkpoint_store=restored.store, read_only=read_only, **kwargs)
-        engine.restored_extra = {k: v for k, v in restored.extra.items() if k != PREDICT_BUCKETS_KEY}
-        engine._used_buckets.update(int(b) for b in restored.extra.get(PREDICT_BUCKETS_KEY, ()))
+        engine._take_extra(restored.extra)
         return engine
+
+    def _take_extra(self, extra: Mapping[str, Any]) -> None:
+        """A restored checkpoint's caller state, and the Predict buckets it remembers."""
+        self.restored_extra = {k: v for k, v in extra.items() if k != PREDICT_BUCKETS_KEY}
+        self._used_buckets.update(int(b) for b in extra.get(PREDICT_BUCKETS_KEY, ()))
 
     # ---- tasks ---------------------------------------------------------------
 
@@ -688,20 +692,15 @@ class Engine:
         if restored is None or restored.step <= self.checkpoint_step:
             return False
         system = restored.system
-        self._used_buckets.update(int(b) for b in restored.extra.get(PREDICT_BUCKETS_KEY, ()))
+        self._take_extra(restored.extra)  # first: newly served paths warm the buckets the writer saw used
         warmed = {}
         for task, path_id in system.best.items():  # outside the lock: compiling may take seconds
-            current = self._served.get(task)
-            if current is None or current.path_id != path_id:
-                with self._lock:
-                    served = self._served_model(task, system.paths[path_id], system)
-                for bucket in self.warm_buckets():
-                    self._warm_program(served, bucket)
+            served = self._warm_up_path(task, system.paths[path_id], system)
+            if served is not None:
                 warmed[task] = served
         with self._lock:
             self.system = system
             self.checkpoint_step = restored.step
-            self.restored_extra = {k: v for k, v in restored.extra.items() if k != PREDICT_BUCKETS_KEY}
             for task in [t for t in self._served if t not in system.best]:
                 self._stop_serving(self._served.pop(task))
             for task, served in warmed.items():
@@ -711,14 +710,15 @@ class Engine:
                     len(system.tasks), len(warmed))
         return True
 
-    def _warm_up_path(self, task: str, path: Path) -> ServedModel | None:
-        """Compiles a path's predict step before it serves (outside the lock);
-        returns it on the device, or None when it is served already."""
+    def _warm_up_path(self, task: str, path: Path, system: System | None = None) -> ServedModel | None:
+        """Compiles a path (of `system`, the engine's by default) for Predict
+        before it serves (outside the lock); returns it on the device, or None
+        when it is served already."""
         current = self._served.get(task)
         if current is not None and current.path_id == path.id:
             return None  # the served path stays: warm already
         with self._lock:
-            served = self._served_model(task, path)
+            served = self._served_model(task, path, system)
         started = time.perf_counter()
         compiled = sum(self._warm_program(served, bucket) for bucket in self.warm_buckets())
         logger.info("%s: path %s warmed for Predict (%d new program(s), %.1f s)", task, path.id, compiled,

@@ -8,32 +8,13 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from evolve import checkpoint
 from evolve.engine import Engine
-from evolve.system import TaskRecord, TaskStatus
-from evolve.types import BundledSource, Component, Path, TaskSpec
 from tests.conftest import tiny_config
-
-
-def _add_task(engine: Engine, name: str) -> None:
-    """A READY task serving the root's body with a head of its own (no training)."""
-    system = engine.system
-    names = dict(system.root_path.components)
-    width = system.config.size.hidden_size
-    head = Component(system.new_id("c"), "head", {"kernel": np.full((width, 3), 0.01, np.float32),
-                                                  "bias": np.zeros((3,), np.float32)}, origin=name)
-    system.components[head.id] = head
-    names["head"] = head.id
-    path = Path(system.new_id("p"), name, names, dict(system.root_path.hparams))
-    system.paths[path.id] = path
-    system.tasks[name] = TaskRecord(TaskSpec(name, BundledSource("digits")), TaskStatus.READY, 3)
-    system.best[name] = path.id
-    system.populations[name] = [path.id]
-    system.lock(name, path)
+from tests.test_engine_device_sharing import _add_task_with_own_head
 
 
 def _records(state_dir: str) -> set[str]:
@@ -52,8 +33,8 @@ def _manifest(state_dir: str, step: int) -> dict:
 @pytest.fixture
 def engine(tmp_path):
     engine = Engine.create(tiny_config(), state_dir=str(tmp_path / "state"))
-    for name in ("a", "b", "c"):
-        _add_task(engine, name)
+    for seed, name in enumerate(("a", "b", "c")):
+        _add_task_with_own_head(engine, name, seed)
     engine.refresh_views()
     engine.save()
     return engine
