@@ -80,6 +80,10 @@ def synthetic_system(num_tasks: int, state_dir: str) -> tuple[Engine, np.random.
     rng = np.random.default_rng(num_tasks)
     for i in range(num_tasks):
         add_synthetic_task(engine, f"t{i:05d}", rng)
+        # The pack the task's own save would have written (a save per task
+        # without its manifest commit); the first save below adopts them.
+        own = [c for c in engine.system.components.values() if c.origin == f"t{i:05d}"]
+        checkpoint.write_pack(state_dir, own)
     engine.refresh_views()  # built by hand, not through the engine
     started = time.perf_counter()
     engine.save()

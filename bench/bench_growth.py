@@ -83,12 +83,13 @@ def build(num_tasks: int, state_dir: str, saves: int) -> dict:
         add_synthetic_task(engine, f"t{num_tasks + i:05d}", rng)
         engine.refresh_views()
         records_before = set(os.listdir(records)) if os.path.isdir(records) else set()
+        components_before = set(os.listdir(components))
         started = time.perf_counter()
         step = engine.save()
         seconds.append(time.perf_counter() - started)
-        own = [c for c in engine.system.components.values() if c.origin == f"t{num_tasks + i:05d}"]
+        new_components = set(os.listdir(components)) - components_before  # a pack, or one directory a component
         new_records = set(os.listdir(records)) - records_before if os.path.isdir(records) else set()
-        written.append(sum(_tree_bytes(os.path.join(components, c.id)) for c in own)
+        written.append(sum(_tree_bytes(os.path.join(components, name)) for name in new_components)
                        + sum(os.path.getsize(os.path.join(records, name)) for name in new_records)
                        + _tree_bytes(os.path.join(state_dir, "manifest", str(step))))
     return {"tasks": num_tasks, "first_save_s": first, "save_s": statistics.median(seconds),

@@ -1,8 +1,15 @@
 """Orbax save/restore of the whole System (DESIGN.md §7).
 
 Layout under the state directory:
-  components/<id>/   one orbax checkpoint per component, written once: a
-                     component never changes after it is created;
+  components/<pack>/ one orbax checkpoint per save that created components
+                     (a pack): {component id: {params, momentum}}, written
+                     once and named by the hash of its members' ids and
+                     content hashes; components never change after they are
+                     created. A pack whose live members fall below half of
+                     what it holds is compacted: the next save writes the
+                     live ones into its own pack and retention drops the
+                     old one. (Format 2 wrote one directory per component,
+                     components/<id>/; those are still read.)
   records/<sha>.json one JSON file per task, written once and named by the
                      SHA-256 of its contents: the task's record (spec,
                      status, classes, probes) and its paths (components,
@@ -10,14 +17,15 @@ Layout under the state directory:
                      the root's paths have a record of their own;
   manifest/<step>/   an orbax CheckpointManager step holding a JSON manifest
                      (populations, served paths, configuration, component ids
-                     with content hashes, each task's record file, and the
-                     caller's `extra` state).
+                     with content hashes and packs, each task's record file,
+                     and the caller's `extra` state).
 A save writes the records of the tasks that changed, and a manifest that
 names every record (issue 12: a save costs what changed, not the system).
 The manifest is committed last and atomically, so a step is complete or
 absent; a record it names that is missing or fails its hash makes the step
-unusable, as an unreadable manifest does. Manifests of format 1 (everything
-in the manifest) are still restored. Restore takes the newest step whose
+unusable, as an unreadable manifest does. Manifests of formats 1
+(everything in the manifest) and 2 (a directory per component) are still
+restored. Restore takes the newest step whose
 manifest reads, and checks every component against its content hash. A missing or corrupt component takes down
 only the tasks whose served path uses it: they are restored DAMAGED (never
 silently rolled back to an older step), everything else serves, and the
@@ -28,12 +36,13 @@ manifest makes restore fall back to the previous step.
 A save that cannot write (disk full, quota, file size limit, I/O error) raises
 StorageError naming the state directory, and commits nothing.
 
-Each component directory records the content hash it was written with (orbax
-custom metadata). A process killed after writing components but before
-committing their manifest leaves directories that no step references, and the
-restarted process hands out the same ids again (they continue from the last
-committed step) to components with other contents; such a directory is
-replaced, never taken for the new component.
+Each pack records its members' content hashes (orbax custom metadata). A
+process killed after writing a pack but before committing its manifest leaves
+a directory that no step references, and the restarted process hands out the
+same ids again (they continue from the last committed step) to components
+with other contents: their pack has another name, and the first save of the
+restarted process deletes the stale one. A pack is only taken as written when
+its metadata names exactly the members and hashes being saved.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -61,17 +70,20 @@ from evolve.types import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 1: tasks and paths inside the manifest (still restored)
+FORMAT_VERSION = 3  # 1: tasks and paths in the manifest; 2: a directory per component (both still restored)
+RESTORABLE_FORMATS = (1, 2, 3)
 KEEP_MANIFESTS = 5
 RECORDS = "records"
-HASH_KEY = "content_hash"  # in each component's orbax custom metadata
+HASH_KEY = "content_hash"  # in a format-2 component directory's orbax custom metadata
+PACK_HASHES_KEY = "content_hashes"  # in a pack's: {component id: content hash}
 
 
 @dataclasses.dataclass(frozen=True)
 class Written:
     step: int
     new_components: int
-    component_ids: tuple[str, ...] = ()  # the component directories this save wrote
+    component_ids: tuple[str, ...] = ()  # the components this save wrote (new, or moved by compaction)
+    packs: tuple[str, ...] = ()  # the component directories (under components/) it wrote
     record_files: tuple[str, ...] = ()  # the record files (under records/) this save wrote
 
 
@@ -150,45 +162,67 @@ def _is_complete(directory: str) -> bool:
     return os.path.isdir(directory) and os.path.exists(os.path.join(directory, "_CHECKPOINT_METADATA"))
 
 
-def _stored_hash(directory: str) -> str | None:
-    """The content hash a complete component directory was written with: None
-    when it is incomplete or unreadable, "" when written before hashes were
-    recorded (trusted, as before)."""
+def pack_members(directory: str) -> dict[str, str] | None:
+    """What a complete pack directory holds (component id -> content hash);
+    None when it is incomplete, unreadable or not a pack."""
     try:
         with open(os.path.join(directory, "_CHECKPOINT_METADATA"), encoding="utf-8") as handle:
             custom = json.load(handle).get("custom_metadata") or {}
     except (OSError, ValueError, AttributeError):
         return None
-    return str(custom.get(HASH_KEY, "")) if isinstance(custom, dict) else None
+    hashes = custom.get(PACK_HASHES_KEY) if isinstance(custom, dict) else None
+    return {str(k): str(v) for k, v in hashes.items()} if isinstance(hashes, dict) else None
 
 
-def write_component(state_dir: str, component: Component) -> bool:
-    """Writes a component unless its directory already holds this very
-    content; returns whether it wrote."""
-    directory = os.path.join(_components_dir(state_dir), component.id)
-    stored = _stored_hash(directory) if os.path.isdir(directory) else None
-    if stored == "" or stored == component.content_hash:
-        return False
-    if os.path.exists(directory):  # a write killed halfway, or other contents under a reused id
-        logger.info("replacing component directory %s left by an interrupted checkpoint", component.id)
+def pack_name(components: Sequence[Component]) -> str:
+    """A pack's directory name: the hash of its members' ids and contents, so
+    that a directory left under that name by a killed process holds exactly
+    these components."""
+    members = "\n".join(sorted(f"{c.id}:{c.content_hash}" for c in components))
+    return "p" + hashlib.sha256(members.encode("utf-8")).hexdigest()[:24]
+
+
+def write_pack(state_dir: str, components: Sequence[Component]) -> tuple[str, bool]:
+    """Writes one orbax checkpoint holding `components`, unless its directory
+    already holds exactly them; returns (its name, whether it wrote)."""
+    name = pack_name(components)
+    directory = os.path.join(_components_dir(state_dir), name)
+    expected = {c.id: c.content_hash for c in components}
+    if os.path.isdir(directory) and pack_members(directory) == expected:
+        return name, False
+    if os.path.exists(directory):  # a write killed halfway
+        logger.info("replacing component pack %s left by an interrupted checkpoint", name)
         shutil.rmtree(directory)
-    tree = {"params": component.params}
-    if component.momentum is not None:
-        tree["momentum"] = component.momentum
+    tree = {}
+    for component in components:
+        tree[component.id] = {"params": component.params}
+        if component.momentum is not None:
+            tree[component.id]["momentum"] = component.momentum
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory, tree, custom_metadata={HASH_KEY: component.content_hash})
+    checkpointer.save(directory, tree, custom_metadata={PACK_HASHES_KEY: expected})
     checkpointer.wait_until_finished()
-    return True
+    return name, True
 
 
-def read_component(state_dir: str, meta: Mapping[str, Any], component_id: str) -> Component:
-    directory = os.path.join(_components_dir(state_dir), component_id)
+def read_pack(state_dir: str, pack: str) -> dict[str, Any]:
+    """Every member's tree ({"params", "momentum"?}) of a component directory,
+    by component id: a pack, or a format-2 directory of one component (named
+    by its id). Raises CorruptCheckpointError when it cannot be read."""
+    directory = os.path.join(_components_dir(state_dir), pack)
     if not _is_complete(directory):
-        raise CorruptCheckpointError(f"component {component_id} is missing from {directory}")
+        raise CorruptCheckpointError(f"is missing from {directory}")
     try:
         tree = ocp.StandardCheckpointer().restore(directory)
     except Exception as error:  # orbax raises many kinds on damaged files
-        raise CorruptCheckpointError(f"component {component_id} cannot be read: {error}") from error
+        raise CorruptCheckpointError(f"cannot be read from {pack}: {error}") from error
+    return {pack: tree} if "params" in tree else dict(tree)
+
+
+def component_from(tree: Mapping[str, Any] | None, meta: Mapping[str, Any], component_id: str) -> Component:
+    """A component from its stored tree (None: absent from its pack), its
+    contents checked against the manifest's hash."""
+    if tree is None:
+        raise CorruptCheckpointError(f"component {component_id} is missing from its pack {location(component_id, meta)}")
     params = _to_numpy(tree["params"])
     if params_hash(params) != meta["content_hash"]:
         raise CorruptCheckpointError(f"component {component_id} fails its content hash")
@@ -197,6 +231,23 @@ def read_component(state_dir: str, meta: Mapping[str, Any], component_id: str) -
         id=component_id, name=meta["name"], params=params, origin=meta["origin"], trained=meta["trained"],
         locked_by=frozenset(meta["locked_by"]), momentum=momentum, content_hash=meta["content_hash"],
     )
+
+
+def location(component_id: str, meta: Mapping[str, Any]) -> str:
+    """The directory under components/ that holds a component: its pack, or
+    (format 2) its own."""
+    return str(meta.get("pack") or component_id)
+
+
+def component_directory(state_dir: str, component_id: str) -> str:
+    """Where the newest committed step keeps a component (for operators and
+    tests that inspect or damage it on purpose)."""
+    manager = _manager(state_dir, read_only=True)
+    try:
+        manifest = _read_manifest(manager, manager.latest_step())
+    finally:
+        manager.close()
+    return os.path.join(_components_dir(state_dir), location(component_id, manifest["components"][component_id]))
 
 
 def _to_numpy(tree: Any) -> Any:
@@ -250,8 +301,11 @@ def _records(system: System) -> dict[str, dict[str, Any]]:
     }
 
 
-def _manifest(system: System, extra: Mapping[str, Any], records: Mapping[str, str]) -> dict[str, Any]:
-    """The manifest of format 2: everything but what the record files hold."""
+def _manifest(
+    system: System, extra: Mapping[str, Any], records: Mapping[str, str], packs: Mapping[str, str],
+) -> dict[str, Any]:
+    """The manifest: everything but what the record files and packs hold;
+    `packs` gives each component's directory."""
     return {
         "format": FORMAT_VERSION,
         "config": dataclasses.asdict(system.config),
@@ -264,7 +318,7 @@ def _manifest(system: System, extra: Mapping[str, Any], records: Mapping[str, st
             **{
                 c.id: {
                     "name": c.name, "origin": c.origin, "trained": c.trained, "locked_by": sorted(c.locked_by),
-                    "content_hash": c.content_hash,
+                    "content_hash": c.content_hash, "pack": packs[c.id],
                 }
                 for c in system.components.values()
             },
@@ -281,21 +335,27 @@ class Store:
     save costs what changed rather than the whole system (issue 12):
 
     - the components on disk it wrote or verified on restore (id -> content
-      hash), trusted from then on: their directories are not read again;
-    - the component ids each retained manifest step references, so that
-      retention reads an old manifest at most once per process;
+      hash, and the pack holding each), trusted from then on: their
+      directories are not read again;
+    - what each pack it wrote or read holds, to compact packs most of whose
+      members are gone;
+    - the packs each retained manifest step references, so that retention
+      reads an old manifest at most once per process;
     - whether it has swept the components directory once for directories no
       step references (left by a killed process); after that sweep, only the
       components of steps that retention drops and of saves that failed are
       candidates for deletion.
 
-    Integrity is checked where it matters, on restore (`read_component`)."""
+    Integrity is checked where it matters, on restore (`component_from`)."""
 
     def __init__(self, state_dir: str):
         self.state_dir = os.path.abspath(state_dir)
         self.written: dict[str, str] = {}
-        self.referenced: dict[int, frozenset[str]] = {}
-        self.uncommitted: set[str] = set()  # written by a save that has not committed
+        self.packs: dict[str, str] = {}  # component id -> the directory under components/ holding it
+        self.members: dict[str, frozenset[str]] = {}  # pack -> every component id it holds
+        self.referenced: dict[int, frozenset[str]] = {}  # step -> the packs its manifest names
+        self.uncommitted: set[str] = set()  # packs written by a save that has not committed
+        self.adopted = False  # whether the packs already on disk were looked at (restore does it)
         self.swept = False
         # Record files: each group's last record and its hash (a save writes
         # the groups whose record changed), the hashes known on disk, those
@@ -317,22 +377,25 @@ def save(
     the newest."""
     store = store or Store(state_dir)
     try:
-        new = []
-        for component in system.components.values():
-            if store.written.get(component.id) == component.content_hash:
-                continue
-            store.written.pop(component.id, None)
-            if write_component(state_dir, component):
-                new.append(component.id)
-                store.uncommitted.add(component.id)
+        if not store.adopted:
+            _adopt(store, system)
+        pending = _to_pack(system, store)
+        pack, wrote = None, False
+        if pending:
+            store.uncommitted.add(pack_name(pending))  # collected unless a manifest names it, even half-written
+            pack, wrote = write_pack(state_dir, pending)
+            store.members[pack] = frozenset(c.id for c in pending)
+        for component in pending:
             store.written[component.id] = component.content_hash
+            store.packs[component.id] = pack
         hashes, new_records = _write_records(system, state_dir, store)
-        manifest = _manifest(system, extra or {}, hashes)
+        packs = {cid: store.packs.get(cid, cid) for cid in system.components}
+        manifest = _manifest(system, extra or {}, hashes, packs)
         manager = _manager(state_dir)
         step = (manager.latest_step() or 0) + 1
         manager.save(step, args=ocp.args.Composite(manifest=ocp.args.JsonSave(manifest)))
         manager.wait_until_finished()
-        store.referenced[step] = frozenset(manifest["components"])
+        store.referenced[step] = _packs_named(manifest)
         store.referenced_records[step] = frozenset(manifest["records"].values())
         _collect_component_files(store, manager)
         manager.close()
@@ -340,7 +403,62 @@ def save(
         if not isinstance(error, (OSError, ValueError, RuntimeError)) and not statedir.is_disk_full(error):
             raise
         raise storage_error(state_dir, error) from error
-    return Written(step, len(new), tuple(new), tuple(f"{sha}.json" for sha in new_records))
+    moved = tuple(c.id for c in pending)
+    return Written(step, len(moved), moved, (pack,) if wrote else (), tuple(f"{sha}.json" for sha in new_records))
+
+
+def _adopt(store: Store, system: System) -> None:
+    """A store that did not come from restore takes the components the
+    directories on disk already hold with the same contents (by their
+    recorded hashes) as written: one metadata read per directory, once."""
+    store.adopted = True
+    root = _components_dir(store.state_dir)
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        directory = os.path.join(root, name)
+        members = pack_members(directory)
+        if members is None:  # a format-2 directory of one component
+            component = system.components.get(name)
+            if component is None or _stored_hash(directory) not in ("", component.content_hash):
+                continue
+            members = {name: component.content_hash}
+        store.members[name] = frozenset(members)
+        for cid, content_hash in members.items():
+            component = system.components.get(cid)
+            if component is not None and component.content_hash == content_hash and cid not in store.written:
+                store.written[cid], store.packs[cid] = content_hash, name
+
+
+def _stored_hash(directory: str) -> str | None:
+    """The content hash a format-2 component directory was written with
+    ("" when written before hashes were recorded; None when unreadable)."""
+    try:
+        with open(os.path.join(directory, "_CHECKPOINT_METADATA"), encoding="utf-8") as handle:
+            custom = json.load(handle).get("custom_metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(custom.get(HASH_KEY, "")) if isinstance(custom, dict) else None
+
+
+def _to_pack(system: System, store: Store) -> list[Component]:
+    """The components the next pack holds: those the store has not seen
+    written with this content, and the live members of packs that hold more
+    dead members than live ones (compaction, so that dead components do not
+    keep their disk space for ever)."""
+    pending = {c.id: c for c in system.components.values() if store.written.get(c.id) != c.content_hash}
+    live_by_pack: dict[str, list[str]] = {}
+    for cid in system.components:
+        if cid not in pending and cid in store.packs:
+            live_by_pack.setdefault(store.packs[cid], []).append(cid)
+    for pack, live in live_by_pack.items():
+        members = store.members.get(pack)
+        if members is not None and 2 * len(live) < len(members):
+            pending.update((cid, system.components[cid]) for cid in live)
+    return list(pending.values())
+
+
+def _packs_named(manifest: Mapping[str, Any]) -> frozenset[str]:
+    """The component directories a manifest references (damaged ones too)."""
+    return frozenset(location(cid, meta) for cid, meta in manifest["components"].items())
 
 
 def _write_records(system: System, state_dir: str, store: Store) -> tuple[dict[str, str], list[str]]:
@@ -389,7 +507,7 @@ def _collect_component_files(store: Store, manager: ocp.CheckpointManager) -> No
     for step in retained - store.referenced.keys():
         try:
             old = _read_manifest(manager, step)
-            store.referenced[step] = frozenset(old["components"])
+            store.referenced[step] = _packs_named(old)
             store.referenced_records[step] = frozenset(old.get("records", {}).values())
         except Exception:  # an unreadable old step protects nothing
             logger.warning("manifest step %s unreadable while collecting garbage", step)
@@ -408,7 +526,10 @@ def _collect_component_files(store: Store, manager: ocp.CheckpointManager) -> No
     store.uncommitted_records.clear()
     for name in candidates - referenced:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        store.written.pop(name, None)
+        for cid in store.members.pop(name, None) or (name,):  # a format-2 directory is named by its component
+            if store.packs.get(cid) == name:
+                del store.packs[cid]
+                store.written.pop(cid, None)
     kept = {f"{sha}.json" for sha in referenced_records}
     for name in record_candidates - kept:  # a killed write's temporary file included
         with contextlib.suppress(OSError):
@@ -435,7 +556,7 @@ def _expanded(state_dir: str, manifest: Mapping[str, Any]) -> tuple[dict[str, An
     group's record and hash as read (none for format 1)."""
     if manifest.get("format") == 1:
         return dict(manifest), {}
-    if manifest.get("format") != FORMAT_VERSION:
+    if manifest.get("format") not in RESTORABLE_FORMATS:
         raise CorruptCheckpointError(f"unknown manifest format {manifest.get('format')!r}")
     records = {group: (_read_record(state_dir, sha), sha) for group, sha in manifest["records"].items()}
     tasks = {group: record["task"] for group, (record, _) in records.items() if record["task"] is not None}
@@ -443,24 +564,48 @@ def _expanded(state_dir: str, manifest: Mapping[str, Any]) -> tuple[dict[str, An
     return {**manifest, "tasks": tasks, "paths": paths}, records
 
 
+def _read_components(
+    state_dir: str, metas: Mapping[str, Mapping[str, Any]], known: Mapping[str, Component],
+) -> tuple[dict[str, Component], dict[str, DamagedComponent], dict[str, frozenset[str]]]:
+    """(the components, the damaged ones, what each pack read holds): each
+    pack that holds a component not in `known` is read once; a pack that
+    cannot be read damages every component it holds."""
+    components, damaged, members = {}, {}, {}
+    by_pack: dict[str, list[str]] = {}
+    for cid, meta in metas.items():
+        reused = _reused(known, meta, cid)
+        if reused is not None:
+            components[cid] = reused
+        else:
+            by_pack.setdefault(location(cid, meta), []).append(cid)
+    for pack, cids in by_pack.items():
+        try:
+            trees = read_pack(state_dir, pack)
+        except CorruptCheckpointError as error:
+            trees, failure = None, error
+        else:
+            members[pack] = frozenset(trees)
+        for cid in cids:
+            try:
+                if trees is None:
+                    raise CorruptCheckpointError(f"component {cid} {failure}")
+                components[cid] = component_from(trees.get(cid), metas[cid], cid)
+            except CorruptCheckpointError as error:
+                logger.error("%s", error)
+                damaged[cid] = DamagedComponent(dict(metas[cid]), str(error))
+        del trees  # the pack's dead members go with it
+    return components, damaged, members
+
+
 def _system_from_manifest(
     state_dir: str, manifest: Mapping[str, Any], known: Mapping[str, Component] | None = None,
-) -> System:
+) -> tuple[System, dict[str, frozenset[str]]]:
+    """The system a manifest describes, and what each pack read holds."""
     config_dict = dict(manifest["config"])
     config_dict["size"] = ViTSize(**config_dict["size"])
     config_dict["image_sizes"] = tuple(config_dict["image_sizes"])
     config = SearchConfig(**config_dict)
-    components, damaged = {}, {}
-    for cid, meta in manifest["components"].items():
-        reused = _reused(known or {}, meta, cid)
-        if reused is not None:
-            components[cid] = reused
-            continue
-        try:
-            components[cid] = read_component(state_dir, meta, cid)
-        except CorruptCheckpointError as error:
-            logger.error("%s", error)
-            damaged[cid] = DamagedComponent(dict(meta), str(error))
+    components, damaged, members = _read_components(state_dir, manifest["components"], known or {})
     paths = {}
     for pid, data in manifest["paths"].items():
         data = dict(data)
@@ -482,7 +627,7 @@ def _system_from_manifest(
         next_id=manifest["next_id"], id_prefix=manifest["id_prefix"], damaged=damaged,
     )
     _set_damage(system)
-    return system
+    return system, members
 
 
 def _set_damage(system: System) -> None:
@@ -538,7 +683,7 @@ def restore(
     for step in steps:
         try:
             manifest, records = _expanded(state_dir, _read_manifest(manager, step))
-            system = _system_from_manifest(state_dir, manifest, known)
+            system, members = _system_from_manifest(state_dir, manifest, known)
         except Exception as error:
             logger.error("checkpoint step %s is unusable (%s); trying the previous one", step, error)
             errors.append(f"step {step}: {error}")
@@ -548,7 +693,10 @@ def restore(
             return Restored(system, step, dict(manifest.get("extra", {})))
         store = Store(state_dir)
         store.written = {cid: component.content_hash for cid, component in system.components.items()}
-        store.referenced[step] = frozenset(manifest["components"])
+        store.packs = {cid: location(cid, manifest["components"][cid]) for cid in system.components}
+        store.members = members
+        store.adopted = True
+        store.referenced[step] = _packs_named(manifest)
         store.records = records
         store.record_files = {sha for _, sha in records.values()}
         store.referenced_records[step] = frozenset(store.record_files)

@@ -33,7 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -236,22 +236,21 @@ class ServerMetrics:
             if written is None:
                 self.checkpoint_failures.inc()
             else:
-                self._observe_checkpoint(state_dir, written.step, written.component_ids, seconds,
-                                         written.record_files)
+                self._observe_checkpoint(state_dir, written, seconds)
 
         engine.on_checkpoint = observe
 
-    def _observe_checkpoint(self, state_dir: str, step: int, new_components: Sequence[str], seconds: float,
-                            new_records: Sequence[str] = ()) -> None:
-        written = directory_bytes(os.path.join(state_dir, "manifest", str(step)))
-        written += sum(directory_bytes(os.path.join(state_dir, "components", name)) for name in new_components)
-        for name in new_records:
+    def _observe_checkpoint(self, state_dir: str, saved: Any, seconds: float) -> None:
+        """`saved`: the checkpoint.Written of a save."""
+        written = directory_bytes(os.path.join(state_dir, "manifest", str(saved.step)))
+        written += sum(directory_bytes(os.path.join(state_dir, "components", name)) for name in saved.packs)
+        for name in saved.record_files:
             with contextlib.suppress(OSError):  # collected by a later save meanwhile
                 written += os.path.getsize(os.path.join(state_dir, "records", name))
         self.checkpoint_seconds.observe(seconds)
         self.checkpoint_bytes.observe(written)
         self.checkpoint_bytes_total.inc(written)
-        self.checkpoint_components.inc(len(new_components))
+        self.checkpoint_components.inc(saved.new_components)
         self.checkpoint_time.set(time.time())
 
     def _follow(self, events: Any, sequence: int, finished: set[str]) -> None:

@@ -91,7 +91,8 @@ def test_a_damaged_component_marks_its_task_damaged_in_the_newest_step(trained, 
     shutil.copytree(state_dir, copy)
     latest = checkpoint.restore(copy).step
     head_id = engine.system.best_path("digits").components["head"]
-    head_dir = os.path.join(copy, "components", head_id)
+    head_dir = checkpoint.component_directory(copy, head_id)  # its pack: what the search's save wrote
+    pack_members = set(checkpoint.pack_members(head_dir))
     backup = str(tmp_path / "backup")
     shutil.copytree(head_dir, backup)
     if how == "deleted":
@@ -104,7 +105,8 @@ def test_a_damaged_component_marks_its_task_damaged_in_the_newest_step(trained, 
     assert system.tasks["digits"].status == TaskStatus.DAMAGED
     assert head_id in system.tasks["digits"].message or "damaged" in system.tasks["digits"].message
     assert "digits" not in system.best and system.damaged_best["digits"] == engine.system.best["digits"]
-    assert set(system.damaged) == {head_id}
+    assert head_id in system.damaged and set(system.damaged) <= pack_members
+    assert all(task == "digits" for c in system.damaged.values() for task in c.meta["locked_by"])
     assert system.uses_damaged(system.root_path) == []
     # A save keeps the damaged entry (and the task's path) for a later repair.
     checkpoint.save(system, copy)
@@ -163,9 +165,9 @@ def test_retention_and_file_gc(tmp_path):
         engine.save()
     steps = sorted(int(s) for s in os.listdir(os.path.join(state_dir, "manifest")) if s.isdigit())
     assert len(steps) == checkpoint.KEEP_MANIFESTS
-    # Every component a retained manifest references is on disk, nothing else.
+    # Every pack a retained manifest references is on disk, nothing else.
     live = set(engine.system.components)
-    assert _component_dirs(state_dir) == live
+    assert _component_dirs(state_dir) == _packs_of(engine, live)
     assert replaced & live  # still referenced: still stored
     # Drop the task's path from memory as a replacement would, then save enough steps.
     engine.system.best.pop("digits")
@@ -174,25 +176,46 @@ def test_retention_and_file_gc(tmp_path):
     engine.system.collect_garbage()
     for _ in range(checkpoint.KEEP_MANIFESTS):
         engine.save()
-    assert not (_component_dirs(state_dir) & (replaced - set(engine.system.components)))
-    assert _component_dirs(state_dir) == set(engine.system.components)
+    live = set(engine.system.components)
+    assert replaced - live
+    assert _component_dirs(state_dir) == _packs_of(engine, live)
+    # No pack on disk is mostly dead components (compaction), and the survivors restore.
+    for pack in _component_dirs(state_dir):
+        members = set(checkpoint.pack_members(os.path.join(state_dir, "components", pack)))
+        assert 2 * len(members & live) >= len(members), (pack, len(members), len(members & live))
+    restored = checkpoint.restore(state_dir).system
+    assert set(restored.components) == live and not restored.damaged
+
+
+def _packs_of(engine, component_ids) -> set[str]:
+    return {engine._store.packs[cid] for cid in component_ids}
 
 
 def test_component_dir_left_by_a_crash_under_a_reused_id_is_replaced(tmp_path):
-    """A killed process may leave a complete component directory that no
-    manifest references; ids restart from the last manifest, so a new
-    component can get that id with other contents. It must be rewritten."""
+    """A killed process may leave a complete component pack that no manifest
+    references; ids restart from the last manifest, so a new component can
+    get that id with other contents. Its pack has another name, and a
+    directory under the new pack's name that holds anything else (a write
+    killed halfway) is rewritten, never taken for the new component."""
+    import shutil
+
     from evolve.types import Component
 
     state_dir = str(tmp_path)
     stale = Component("c999999", "head", {"kernel": np.zeros((2, 2), np.float32)}, origin="t")
     fresh = Component("c999999", "head", {"kernel": np.ones((2, 2), np.float32)}, origin="t")
-    assert checkpoint.write_component(state_dir, stale)
-    assert checkpoint.write_component(state_dir, fresh)  # other contents: rewritten
-    assert not checkpoint.write_component(state_dir, fresh)  # same contents: kept
+    stale_pack, wrote = checkpoint.write_pack(state_dir, [stale])
+    assert wrote and checkpoint.pack_name([fresh]) != stale_pack
+    shutil.copytree(os.path.join(state_dir, "components", stale_pack),
+                    os.path.join(state_dir, "components", checkpoint.pack_name([fresh])))
+    assert checkpoint.write_pack(state_dir, [fresh]) == (checkpoint.pack_name([fresh]), True)  # other contents
+    assert checkpoint.write_pack(state_dir, [fresh])[1] is False  # the same contents: kept
     meta = {"name": "head", "origin": "t", "trained": True, "locked_by": [], "content_hash": fresh.content_hash}
-    restored = checkpoint.read_component(state_dir, meta, "c999999")
+    trees = checkpoint.read_pack(state_dir, checkpoint.pack_name([fresh]))
+    restored = checkpoint.component_from(trees["c999999"], meta, "c999999")
     np.testing.assert_array_equal(restored.params["kernel"], np.ones((2, 2), np.float32))
+    with pytest.raises(CorruptCheckpointError, match="content hash"):
+        checkpoint.component_from(checkpoint.read_pack(state_dir, stale_pack)["c999999"], meta, "c999999")
 
 
 def _spy(monkeypatch, name: str) -> list:
@@ -219,7 +242,7 @@ def test_saves_after_restore_cost_what_changed(trained, tmp_path, monkeypatch):
     copy = str(tmp_path / "state")
     shutil.copytree(state_dir, copy)
     restored = Engine.restore(copy)
-    stored_hash, manifests = _spy(monkeypatch, "_stored_hash"), _spy(monkeypatch, "_read_manifest")
+    stored_hash, manifests = _spy(monkeypatch, "pack_members"), _spy(monkeypatch, "_read_manifest")
     restored.save()
     assert stored_hash == []
     retained = len([s for s in os.listdir(os.path.join(copy, "manifest")) if s.isdigit()])
@@ -256,12 +279,12 @@ def test_a_failed_saves_components_are_collected_by_the_next_save(tmp_path, monk
     monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
     with pytest.raises(StorageError):
         engine.save()
-    assert orphan.id in _component_dirs(state_dir)  # written before the commit failed
+    assert checkpoint.pack_name([orphan]) in _component_dirs(state_dir)  # written before the commit failed
     monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
     del engine.system.components[orphan.id]
     engine.save()
-    assert orphan.id not in _component_dirs(state_dir)
-    assert _component_dirs(state_dir) == set(engine.system.components)
+    assert checkpoint.pack_name([orphan]) not in _component_dirs(state_dir)
+    assert _component_dirs(state_dir) == {engine._store.packs[cid] for cid in engine.system.components}
 
 
 def test_a_failing_checkpoint_listener_never_fails_or_undoes_a_save(tmp_path):

@@ -2,13 +2,12 @@
 record file named by its content's hash, written once; a save writes the
 records of the tasks that changed and a manifest naming them all; retention
 deletes the records no kept step names; a damaged record makes its step
-unusable; format-1 manifests (everything inside) are still restored."""
+unusable. (Older formats: tests/test_checkpoint_packs.py.)"""
 
 from __future__ import annotations
 
 import os
 
-import orbax.checkpoint as ocp
 import pytest
 
 from evolve import checkpoint
@@ -105,23 +104,3 @@ def test_a_damaged_record_makes_its_step_unusable(engine):
     assert restored.system.tasks["c"].message == ""
     os.remove(os.path.join(state_dir, checkpoint.RECORDS, f"{newest}.json"))
     assert checkpoint.restore(state_dir).step == engine.checkpoint_step - 1
-
-
-def test_a_format_1_manifest_is_still_restored(engine):
-    """What the code before the split wrote: tasks and paths inside the manifest."""
-    state_dir, system = engine.state_dir, engine.system
-    old = checkpoint._manifest(system, {"note": "format 1"}, {})
-    del old["records"]
-    old.update(format=1, tasks={n: checkpoint._task_record(r) for n, r in system.tasks.items()},
-               paths={p.id: checkpoint.path_record(p) for p in system.paths.values()})
-    manager = checkpoint._manager(state_dir)
-    step = manager.latest_step() + 1
-    manager.save(step, args=ocp.args.Composite(manifest=ocp.args.JsonSave(old)))
-    manager.wait_until_finished()
-    manager.close()
-    restored = Engine.restore(state_dir)
-    assert restored.checkpoint_step == step and restored.restored_extra == {"note": "format 1"}
-    assert restored.tasks() == engine.tasks()
-    restored.save()  # and the next save writes format 2
-    assert _manifest(state_dir, restored.checkpoint_step)["format"] == checkpoint.FORMAT_VERSION
-    assert Engine.restore(state_dir).tasks() == engine.tasks()

@@ -120,16 +120,17 @@ def _complete_steps(state: Path) -> list[int]:
     return sorted(int(n) for n in _entries(state / "manifest") if n.isdigit())
 
 
-def _manifest_components(state: Path, step: int) -> set[str]:
+def _manifest_packs(state: Path, step: int) -> set[str]:
+    """The component directories (packs) a committed step references."""
     with open(state / "manifest" / str(step) / "manifest" / "metadata", encoding="utf-8") as handle:
-        return set(json.load(handle)["components"])
+        return {meta.get("pack", cid) for cid, meta in json.load(handle)["components"].items()}
 
 
 def _leftovers(state: Path) -> dict[str, list[str]]:
     """What an interrupted checkpoint left behind."""
     components = _entries(state / "components")
     steps = _complete_steps(state)
-    referenced = _manifest_components(state, steps[-1]) if steps else set()
+    referenced = _manifest_packs(state, steps[-1]) if steps else set()
     complete = {
         n for n in components if TMP_MARK not in n and (state / "components" / n / "_CHECKPOINT_METADATA").exists()
     }
@@ -543,7 +544,9 @@ class KillTest:
                                  if set(c.locked_by) == {t})
         import shutil  # noqa: PLC0415
 
-        shutil.rmtree(self.state / "components" / component)
+        from evolve import checkpoint  # noqa: PLC0415
+
+        shutil.rmtree(checkpoint.component_directory(str(self.state), component))
         loading = self.kill_while_loading()
         server = self.start()
         with server.channel() as channel:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
+from evolve import checkpoint
 from service.gen.evolve.v1 import evolve_pb2, evolve_pb2_grpc
 from service.gen.inference import grpc_predict_v2_pb2 as infer_pb2
 from service.gen.inference import grpc_predict_v2_pb2_grpc as infer_pb2_grpc
@@ -246,7 +247,11 @@ def test_a_missing_component_damages_only_its_task(server, server_factory):
     only_b = [c.id for c in b_task.components if c.id not in a_ids]
     assert only_b
     assert server.stop() == 0
-    shutil.rmtree(server.state_dir / "components" / only_b[0])
+    # Its pack (the directory of the save that wrote it) must hold nothing of a's.
+    directories = {cid: checkpoint.component_directory(str(server.state_dir), cid) for cid in only_b}
+    only_b = [cid for cid in only_b if not set(checkpoint.pack_members(directories[cid])) & a_ids]
+    assert only_b
+    shutil.rmtree(directories[only_b[0]])
 
     restarted = server_factory.start(state_dir=server.state_dir)
     with restarted.channel() as channel:
