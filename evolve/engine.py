@@ -29,6 +29,7 @@ from evolve.config import SERVING_EXECUTABLES, SERVING_MAX_YIELD_SECONDS, TRAINI
 from evolve.data import DataLimits, TaskData, check_task_source, load_task_data, preprocess_eval
 from evolve.data.arrays import ValidationSplit
 from evolve.errors import (
+    READ_ONLY_MESSAGE,
     AlreadyExistsError,
     CancelledError,
     FailedPreconditionError,
@@ -673,9 +674,7 @@ class Engine:
 
     def _writable(self) -> None:
         if self.read_only:
-            raise FailedPreconditionError(
-                "READ_ONLY", "this server is a read-only replica of its state directory: send changes (tasks, "
-                "searches, deletions) to the server that writes it")
+            raise FailedPreconditionError("READ_ONLY", READ_ONLY_MESSAGE)
 
     def follow(self) -> bool:
         """A read-only engine's catch-up: when the state directory has a newer

@@ -43,6 +43,12 @@ class FailedPreconditionError(EvolveError):
         self.reason = reason
 
 
+# What a read-only serving replica answers to any change, from the engine
+# (FailedPreconditionError) and from the server's interceptor alike.
+READ_ONLY_MESSAGE = ("this server is a read-only replica (--read-only) of a state directory another server writes: "
+                     "send changes (SubmitTask, Improve, Cancel*, Delete*) to that server")
+
+
 class CancelledError(EvolveError):
     """A search was cancelled between steps."""
 

@@ -35,6 +35,8 @@ from typing import Any
 
 import grpc
 
+from evolve.errors import READ_ONLY_MESSAGE
+
 logger = logging.getLogger(__name__)
 
 EVOLUTION_SERVICE = "evolve.v1.EvolutionService"
@@ -52,8 +54,6 @@ OPEN_METHODS = frozenset(f"/{INFERENCE_SERVICE}/{name}" for name in ("ServerLive
 OPEN_SERVICES = (f"/{HEALTH_SERVICE}/",)
 
 OPEN, READ, MUTATING = "open", "read", "mutating"
-READ_ONLY_MESSAGE = ("this server is a read-only replica (--read-only) of a state directory another server writes: "
-                     "send changes (SubmitTask, Improve, Cancel*, Delete*) to that server")
 
 
 def access_class(method: str) -> str:
