@@ -45,16 +45,19 @@ from evolve.types import BundledSource, Component, Path, TaskSpec  # noqa: E402
 logger = logging.getLogger("bench_checkpoint")
 
 
-def add_synthetic_task(engine: Engine, name: str, rng: np.random.Generator) -> None:
-    """A READY task whose path has its own head and its own encoderblock_0."""
+def add_synthetic_task(engine: Engine, name: str, rng: np.random.Generator, own_blocks: int = 1) -> None:
+    """A READY task whose path has its own head and its own copies of the
+    first `own_blocks` encoder blocks."""
     system = engine.system
     names = dict(system.root_path.components)
-    block = system.components[names["encoderblock_0"]]
-    own_block = jax.tree.map(lambda a: (np.asarray(a) + rng.normal(0, 1e-3, np.shape(a))).astype(np.float32),
-                             block.params)
+    own = []
+    for index in range(own_blocks):
+        block = system.components[names[f"encoderblock_{index}"]]
+        own.append((f"encoderblock_{index}", jax.tree.map(
+            lambda a: (np.asarray(a) + rng.normal(0, 1e-3, np.shape(a))).astype(np.float32), block.params)))
     width = system.config.size.hidden_size
     head = {"kernel": rng.normal(0, 0.02, (width, 10)).astype(np.float32), "bias": np.zeros((10,), np.float32)}
-    for component_name, params in (("encoderblock_0", own_block), ("head", head)):
+    for component_name, params in (*own, ("head", head)):
         component = Component(system.new_id("c"), component_name, params, origin=name, trained=True)
         system.components[component.id] = component
         names[component_name] = component.id
@@ -73,13 +76,13 @@ def _manifest_bytes(state_dir: str, step: int) -> int:
     return total
 
 
-def synthetic_system(num_tasks: int, state_dir: str) -> tuple[Engine, np.random.Generator, float]:
+def synthetic_system(num_tasks: int, state_dir: str, own_blocks: int = 1) -> tuple[Engine, np.random.Generator, float]:
     """An engine of `num_tasks` synthetic tasks, saved, with retention at its
     steady state; the generator for more tasks, and the first save's seconds."""
     engine = Engine.create(get_config("tiny"), state_dir=state_dir)
     rng = np.random.default_rng(num_tasks)
     for i in range(num_tasks):
-        add_synthetic_task(engine, f"t{i:05d}", rng)
+        add_synthetic_task(engine, f"t{i:05d}", rng, own_blocks)
         # The pack the task's own save would have written (a save per task
         # without its manifest commit); the first save below adopts them.
         own = [c for c in engine.system.components.values() if c.origin == f"t{i:05d}"]

@@ -72,15 +72,15 @@ def _tree_bytes(directory: str) -> int:
     return total
 
 
-def build(num_tasks: int, state_dir: str, saves: int) -> dict:
+def build(num_tasks: int, state_dir: str, saves: int, own_blocks: int = 1) -> dict:
     """Phase 1, in its own process: the system and the cost of one more task's save."""
     from bench_checkpoint import add_synthetic_task, synthetic_system  # pylint: disable=import-outside-toplevel
 
-    engine, rng, first = synthetic_system(num_tasks, state_dir)
+    engine, rng, first = synthetic_system(num_tasks, state_dir, own_blocks)
     seconds, written = [], []
     components, records = os.path.join(state_dir, "components"), os.path.join(state_dir, "records")
     for i in range(saves):
-        add_synthetic_task(engine, f"t{num_tasks + i:05d}", rng)
+        add_synthetic_task(engine, f"t{num_tasks + i:05d}", rng, own_blocks)
         engine.refresh_views()
         records_before = set(os.listdir(records)) if os.path.isdir(records) else set()
         components_before = set(os.listdir(components))
@@ -150,7 +150,8 @@ def serve(state_dir: str, reads: int, seed: int) -> dict:
 
 def _child(phase: str, num_tasks: int, state_dir: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--tasks", str(num_tasks),
-               "--state-dir", state_dir, "--saves", str(args.saves), "--reads", str(args.reads)]
+               "--state-dir", state_dir, "--saves", str(args.saves), "--reads", str(args.reads),
+               "--own-blocks", str(args.own_blocks)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -222,6 +223,8 @@ def main(argv=None) -> int:
                         help="instead: a real server's RSS over this many small searches in sequence")
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="with --server-tasks: one more server argument, e.g. --server-arg=--max-compiled-steps=8")
+    parser.add_argument("--own-blocks", type=int, default=1,
+                        help="encoder blocks each synthetic task owns a copy of (besides its head); default 1")
     parser.add_argument("--phase", choices=("build", "serve"), help=argparse.SUPPRESS)
     parser.add_argument("--state-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -230,7 +233,7 @@ def main(argv=None) -> int:
     if args.phase:
         logging.getLogger().setLevel(logging.WARNING)
         if args.phase == "build":
-            result = build(args.tasks[0], args.state_dir, args.saves)
+            result = build(args.tasks[0], args.state_dir, args.saves, args.own_blocks)
         else:
             result = serve(args.state_dir, args.reads, args.tasks[0])
         print(json.dumps(result))

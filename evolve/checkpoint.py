@@ -179,7 +179,7 @@ def pack_name(components: Sequence[Component]) -> str:
     that a directory left under that name by a killed process holds exactly
     these components."""
     members = "\n".join(sorted(f"{c.id}:{c.content_hash}" for c in components))
-    return "p" + hashlib.sha256(members.encode("utf-8")).hexdigest()[:24]
+    return "p" + hashlib.sha256(members.encode("utf-8")).hexdigest()[:16]
 
 
 def write_pack(state_dir: str, components: Sequence[Component]) -> tuple[str, bool]:
