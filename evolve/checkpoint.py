@@ -12,13 +12,16 @@ Layout under the state directory:
                      components/<id>/; those are still read.)
   records/<sha>.json one JSON file per task, written once and named by the
                      SHA-256 of its contents: the task's record (spec,
-                     status, classes, probes) and its paths (components,
-                     hyperparameters with the learned mu values, scores);
-                     the root's paths have a record of their own;
+                     status, classes, probes), its paths (components,
+                     hyperparameters with the learned mu values, scores) and
+                     the entries of the components it created (content hash,
+                     pack); the root has a record of its own, and so do the
+                     components of a deleted task that others still use.
+                     Locks are not stored: they follow from the served paths;
   manifest/<step>/   an orbax CheckpointManager step holding a JSON manifest
-                     (populations, served paths, configuration, component ids
-                     with content hashes and packs, each task's record file,
-                     and the caller's `extra` state).
+                     (populations, served paths, configuration, the packs in
+                     use, each task's record file, and the caller's `extra`
+                     state): a few dozen bytes a task.
 A save writes the records of the tasks that changed, and a manifest that
 names every record (issue 12: a save costs what changed, not the system).
 The manifest is committed last and atomically, so a step is complete or
@@ -65,7 +68,7 @@ from evolve import statedir
 from evolve.errors import CorruptCheckpointError, StorageError
 from evolve.system import DamagedComponent, System, TaskRecord, TaskStatus
 from evolve.types import (
-    Component, ParentProbe, Path, TaskSpec, ViTSize, params_hash, spec_from_dict, spec_to_dict,
+    ROOT_TASK, Component, ParentProbe, Path, TaskSpec, ViTSize, params_hash, spec_from_dict, spec_to_dict,
 )
 
 logger = logging.getLogger(__name__)
@@ -244,7 +247,7 @@ def component_directory(state_dir: str, component_id: str) -> str:
     tests that inspect or damage it on purpose)."""
     manager = _manager(state_dir, read_only=True)
     try:
-        manifest = _read_manifest(manager, manager.latest_step())
+        manifest, _ = _expanded(state_dir, _read_manifest(manager, manager.latest_step()))
     finally:
         manager.close()
     return os.path.join(_components_dir(state_dir), location(component_id, manifest["components"][component_id]))
@@ -288,24 +291,54 @@ def _task_record(record: TaskRecord) -> dict[str, Any]:
     }
 
 
-def _records(system: System) -> dict[str, dict[str, Any]]:
-    """Each record file's contents, by group: a task's name (its record and
-    its paths), or the task a path belongs to that has no record (the root)."""
+def _component_entries(system: System, packs: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Each component's stored entry (a damaged one's as restored). Locks
+    are not stored: they follow from the served paths (`derived_locks`)."""
+    entries = {cid: {k: v for k, v in d.meta.items() if k != "locked_by"} for cid, d in system.damaged.items()}
+    for c in system.components.values():
+        entries[c.id] = {"name": c.name, "origin": c.origin, "trained": c.trained,
+                         "content_hash": c.content_hash, "pack": packs[c.id]}
+    return entries
+
+
+def _records(system: System, packs: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Each record file's contents, by group: a task's name (its record, its
+    paths and the entries of the components it created), or a name without
+    a task record (the root, or a deleted task whose components live on in
+    other tasks' paths)."""
     paths: dict[str, dict[str, Any]] = {}
     for path in system.paths.values():
         paths.setdefault(path.task, {})[path.id] = path_record(path)
+    components: dict[str, dict[str, Any]] = {}
+    for cid, entry in _component_entries(system, packs).items():
+        components.setdefault(entry["origin"], {})[cid] = entry
     return {
         group: {"task": _task_record(system.tasks[group]) if group in system.tasks else None,
-                "paths": paths.get(group, {})}
-        for group in system.tasks.keys() | paths.keys()
+                "paths": paths.get(group, {}), "components": components.get(group, {})}
+        for group in system.tasks.keys() | paths.keys() | components.keys()
     }
+
+
+def derived_locks(best: Mapping[str, str], paths: Mapping[str, Mapping[str, Any]], root_path_id: str,
+                  ) -> dict[str, set[str]]:
+    """component id -> the tasks whose served (or damaged) path uses it, and
+    ROOT_TASK for the root's: what `System.lock`/`unlock` maintain, rebuilt
+    on restore instead of stored (a stored lock list grows with every task
+    that shares a component, and would make a save O(tasks))."""
+    locks: dict[str, set[str]] = {}
+    for cid in paths[root_path_id]["components"].values():
+        locks.setdefault(cid, set()).add(ROOT_TASK)
+    for task, path_id in best.items():
+        for cid in paths[path_id]["components"].values():
+            locks.setdefault(cid, set()).add(task)
+    return locks
 
 
 def _manifest(
     system: System, extra: Mapping[str, Any], records: Mapping[str, str], packs: Mapping[str, str],
 ) -> dict[str, Any]:
-    """The manifest: everything but what the record files and packs hold;
-    `packs` gives each component's directory."""
+    """The manifest: everything but what the record files and packs hold,
+    with the component directories its components are in (for retention)."""
     return {
         "format": FORMAT_VERSION,
         "config": dataclasses.asdict(system.config),
@@ -313,16 +346,8 @@ def _manifest(
         "root_description": system.root_description,
         "next_id": system.next_id,
         "id_prefix": system.id_prefix,
-        "components": {
-            **{cid: dict(d.meta) for cid, d in system.damaged.items()},
-            **{
-                c.id: {
-                    "name": c.name, "origin": c.origin, "trained": c.trained, "locked_by": sorted(c.locked_by),
-                    "content_hash": c.content_hash, "pack": packs[c.id],
-                }
-                for c in system.components.values()
-            },
-        },
+        "packs": sorted({packs[c] for c in system.components}
+                        | {location(cid, d.meta) for cid, d in system.damaged.items()}),
         "best": {**system.damaged_best, **system.best},
         "populations": {t: list(ids) for t, ids in system.populations.items()},
         "records": dict(records),
@@ -388,8 +413,8 @@ def save(
         for component in pending:
             store.written[component.id] = component.content_hash
             store.packs[component.id] = pack
-        hashes, new_records = _write_records(system, state_dir, store)
         packs = {cid: store.packs.get(cid, cid) for cid in system.components}
+        hashes, new_records = _write_records(system, state_dir, store, packs)
         manifest = _manifest(system, extra or {}, hashes, packs)
         manager = _manager(state_dir)
         step = (manager.latest_step() or 0) + 1
@@ -458,15 +483,19 @@ def _to_pack(system: System, store: Store) -> list[Component]:
 
 def _packs_named(manifest: Mapping[str, Any]) -> frozenset[str]:
     """The component directories a manifest references (damaged ones too)."""
+    if "packs" in manifest:
+        return frozenset(manifest["packs"])
     return frozenset(location(cid, meta) for cid, meta in manifest["components"].items())
 
 
-def _write_records(system: System, state_dir: str, store: Store) -> tuple[dict[str, str], list[str]]:
+def _write_records(
+    system: System, state_dir: str, store: Store, packs: Mapping[str, str],
+) -> tuple[dict[str, str], list[str]]:
     """Writes the record files of the groups whose record changed since the
     store last saw them; returns every group's record hash, and the hashes
     of the files it wrote."""
     hashes, written = {}, []
-    for group, record in _records(system).items():
+    for group, record in _records(system, packs).items():
         known = store.records.get(group)
         if known is not None and known[0] == record and known[1] in store.record_files:
             hashes[group] = known[1]
@@ -561,7 +590,10 @@ def _expanded(state_dir: str, manifest: Mapping[str, Any]) -> tuple[dict[str, An
     records = {group: (_read_record(state_dir, sha), sha) for group, sha in manifest["records"].items()}
     tasks = {group: record["task"] for group, (record, _) in records.items() if record["task"] is not None}
     paths = {pid: data for record, _ in records.values() for pid, data in record["paths"].items()}
-    return {**manifest, "tasks": tasks, "paths": paths}, records
+    components = dict(manifest.get("components", {}))  # format 2's place for them
+    for record, _ in records.values():
+        components.update(record.get("components", {}))
+    return {**manifest, "tasks": tasks, "paths": paths, "components": components}, records
 
 
 def _read_components(
@@ -605,7 +637,10 @@ def _system_from_manifest(
     config_dict["size"] = ViTSize(**config_dict["size"])
     config_dict["image_sizes"] = tuple(config_dict["image_sizes"])
     config = SearchConfig(**config_dict)
-    components, damaged, members = _read_components(state_dir, manifest["components"], known or {})
+    locks = derived_locks(manifest["best"], manifest["paths"], manifest["root_path_id"])
+    metas = {cid: meta if "locked_by" in meta else {**meta, "locked_by": sorted(locks.get(cid, ()))}
+             for cid, meta in manifest["components"].items()}
+    components, damaged, members = _read_components(state_dir, metas, known or {})
     paths = {}
     for pid, data in manifest["paths"].items():
         data = dict(data)

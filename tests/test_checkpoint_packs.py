@@ -77,11 +77,17 @@ def _write_old_layout(state_dir: str, system, fmt: int) -> None:
         writer.save(os.path.join(state_dir, "components", component.id), tree,
                     custom_metadata={checkpoint.HASH_KEY: component.content_hash})
         writer.wait_until_finished()
-    store = checkpoint.Store(state_dir)
-    hashes, _ = checkpoint._write_records(system, state_dir, store)
-    old = checkpoint._manifest(system, {"note": f"format {fmt}"}, hashes, {c: c for c in system.components})
-    for meta in old["components"].values():
-        del meta["pack"]
+    old = checkpoint._manifest(system, {"note": f"format {fmt}"}, {}, {c: c for c in system.components})
+    del old["packs"]
+    old["components"] = {
+        c.id: {"name": c.name, "origin": c.origin, "trained": c.trained, "locked_by": sorted(c.locked_by),
+               "content_hash": c.content_hash} for c in system.components.values()}
+    if fmt == 2:  # records of tasks and paths only
+        for group, record in checkpoint._records(system, {c: c for c in system.components}).items():
+            del record["components"]
+            text, sha = checkpoint._record_text(record)
+            checkpoint._write_record(state_dir, sha, text)
+            old["records"][group] = sha
     old["format"] = fmt
     if fmt == 1:
         del old["records"]
@@ -116,3 +122,24 @@ def test_an_older_state_directory_restores_and_its_directories_are_kept_until_dr
         again.save()
     assert head not in _dirs(state_dir) and _dirs(state_dir) <= old_dirs
     assert Engine.restore(state_dir).tasks() == again.tasks()
+
+
+def test_a_new_task_that_shares_the_root_writes_its_own_record_only_and_locks_are_rebuilt(engine):
+    """Component entries live in the record of the task that created them,
+    and locks are not stored: a task sharing the root's components changes
+    no other record, and the manifest holds no component entries."""
+    state_dir = engine.state_dir
+    before = _manifest(state_dir, engine.checkpoint_step)
+    assert "components" not in before and set(before["packs"]) == _dirs(state_dir)
+    _add_task_with_own_head(engine, "d", 7)
+    engine.refresh_views()
+    written = checkpoint.save(engine.system, state_dir, store=engine._store)
+    after = _manifest(state_dir, written.step)
+    assert written.record_files == (f"{after['records']['d']}.json",)
+    assert {g: after["records"][g] for g in before["records"]} == before["records"]
+    shared = [cid for cid in engine.system.best_path("d").components.values()
+              if cid in engine.system.root_path.components.values()]
+    assert shared and all(engine.system.components[cid].locked_by >= {"d", "a"} for cid in shared)
+    restored = checkpoint.restore(state_dir).system
+    assert {cid: c.locked_by for cid, c in restored.components.items()} == {
+        cid: c.locked_by for cid, c in engine.system.components.items()}

@@ -123,7 +123,7 @@ def _complete_steps(state: Path) -> list[int]:
 def _manifest_packs(state: Path, step: int) -> set[str]:
     """The component directories (packs) a committed step references."""
     with open(state / "manifest" / str(step) / "manifest" / "metadata", encoding="utf-8") as handle:
-        return {meta.get("pack", cid) for cid, meta in json.load(handle)["components"].items()}
+        return set(json.load(handle)["packs"])
 
 
 def _leftovers(state: Path) -> dict[str, list[str]]:
