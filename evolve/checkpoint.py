@@ -242,14 +242,20 @@ def location(component_id: str, meta: Mapping[str, Any]) -> str:
     return str(meta.get("pack") or component_id)
 
 
+def read_manifest(state_dir: str, step: int | None = None) -> dict[str, Any]:
+    """A committed step's manifest as stored (the newest by default), read
+    without writing anything."""
+    manager = _manager(state_dir, read_only=True)
+    try:
+        return _read_manifest(manager, manager.latest_step() if step is None else step)
+    finally:
+        manager.close()
+
+
 def component_directory(state_dir: str, component_id: str) -> str:
     """Where the newest committed step keeps a component (for operators and
     tests that inspect or damage it on purpose)."""
-    manager = _manager(state_dir, read_only=True)
-    try:
-        manifest, _ = _expanded(state_dir, _read_manifest(manager, manager.latest_step()))
-    finally:
-        manager.close()
+    manifest, _ = _expanded(state_dir, read_manifest(state_dir))
     return os.path.join(_components_dir(state_dir), location(component_id, manifest["components"][component_id]))
 
 

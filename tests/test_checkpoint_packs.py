@@ -23,14 +23,6 @@ def _dirs(state_dir: str) -> set[str]:
     return set(os.listdir(os.path.join(state_dir, "components")))
 
 
-def _manifest(state_dir: str, step: int) -> dict:
-    manager = checkpoint._manager(state_dir, read_only=True)
-    try:
-        return checkpoint._read_manifest(manager, step)
-    finally:
-        manager.close()
-
-
 @pytest.fixture
 def engine(tmp_path):
     engine = Engine.create(tiny_config(), state_dir=str(tmp_path / "state"))
@@ -110,7 +102,7 @@ def test_an_older_state_directory_restores_and_its_directories_are_kept_until_dr
     assert not restored.system.damaged
     written = checkpoint.save(restored.system, state_dir, store=restored._store)
     assert written.packs == () and _dirs(state_dir) == old_dirs  # nothing rewritten
-    assert _manifest(state_dir, written.step)["format"] == checkpoint.FORMAT_VERSION
+    assert checkpoint.read_manifest(state_dir, written.step)["format"] == checkpoint.FORMAT_VERSION
     again = Engine.restore(state_dir)
     assert again.tasks() == engine.tasks() and not again.system.damaged
     # A storeless save (a fresh process that did not restore) adopts them too.
@@ -129,12 +121,12 @@ def test_a_new_task_that_shares_the_root_writes_its_own_record_only_and_locks_ar
     and locks are not stored: a task sharing the root's components changes
     no other record, and the manifest holds no component entries."""
     state_dir = engine.state_dir
-    before = _manifest(state_dir, engine.checkpoint_step)
+    before = checkpoint.read_manifest(state_dir, engine.checkpoint_step)
     assert "components" not in before and set(before["packs"]) == _dirs(state_dir)
     _add_task_with_own_head(engine, "d", 7)
     engine.refresh_views()
     written = checkpoint.save(engine.system, state_dir, store=engine._store)
-    after = _manifest(state_dir, written.step)
+    after = checkpoint.read_manifest(state_dir, written.step)
     assert written.record_files == (f"{after['records']['d']}.json",)
     assert {g: after["records"][g] for g in before["records"]} == before["records"]
     shared = [cid for cid in engine.system.best_path("d").components.values()

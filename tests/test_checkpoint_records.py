@@ -21,14 +21,6 @@ def _records(state_dir: str) -> set[str]:
     return set(os.listdir(directory)) if os.path.isdir(directory) else set()
 
 
-def _manifest(state_dir: str, step: int) -> dict:
-    manager = checkpoint._manager(state_dir, read_only=True)
-    try:
-        return checkpoint._read_manifest(manager, step)
-    finally:
-        manager.close()
-
-
 @pytest.fixture
 def engine(tmp_path):
     engine = Engine.create(tiny_config(), state_dir=str(tmp_path / "state"))
@@ -44,7 +36,7 @@ def test_a_save_writes_the_records_of_changed_tasks_only(engine, monkeypatch):
     serialised = []
     real_text = checkpoint._record_text
     monkeypatch.setattr(checkpoint, "_record_text", lambda record: serialised.append(record) or real_text(record))
-    manifest = _manifest(state_dir, engine.checkpoint_step)
+    manifest = checkpoint.read_manifest(state_dir, engine.checkpoint_step)
     assert manifest["format"] == checkpoint.FORMAT_VERSION
     assert set(manifest["records"]) == {"a", "b", "c", "__root__"}
     assert "tasks" not in manifest and "paths" not in manifest
@@ -58,7 +50,7 @@ def test_a_save_writes_the_records_of_changed_tasks_only(engine, monkeypatch):
     assert [record["task"]["message"] for record in serialised] == ["changed"]
     new = _records(state_dir) - before
     assert len(new) == 1
-    latest = _manifest(state_dir, engine.checkpoint_step)
+    latest = checkpoint.read_manifest(state_dir, engine.checkpoint_step)
     assert new == {f"{latest['records']['b']}.json"}
     assert {g: latest["records"][g] for g in "ac"} == {g: manifest["records"][g] for g in "ac"}
 
@@ -71,13 +63,13 @@ def test_a_save_writes_the_records_of_changed_tasks_only(engine, monkeypatch):
 
 def test_retention_deletes_records_no_kept_step_names(engine):
     state_dir = engine.state_dir
-    first = _manifest(state_dir, engine.checkpoint_step)["records"]["a"]
+    first = checkpoint.read_manifest(state_dir, engine.checkpoint_step)["records"]["a"]
     for i in range(checkpoint.KEEP_MANIFESTS + 1):
         engine.system.tasks["a"].message = f"version {i}"
         engine.save()
     steps = [int(s) for s in os.listdir(os.path.join(state_dir, "manifest")) if s.isdigit()]
     assert len(steps) == checkpoint.KEEP_MANIFESTS
-    named = {f"{sha}.json" for step in steps for sha in _manifest(state_dir, step)["records"].values()}
+    named = {f"{sha}.json" for step in steps for sha in checkpoint.read_manifest(state_dir, step)["records"].values()}
     assert _records(state_dir) == named
     assert f"{first}.json" not in named
     # A fresh process sweeps what a killed write left once: a temporary file, an unnamed record.
@@ -89,14 +81,14 @@ def test_retention_deletes_records_no_kept_step_names(engine):
     restored.save()
     assert _records(state_dir) == {f"{sha}.json" for step in
                                    [int(s) for s in os.listdir(os.path.join(state_dir, "manifest")) if s.isdigit()]
-                                   for sha in _manifest(state_dir, step)["records"].values()}
+                                   for sha in checkpoint.read_manifest(state_dir, step)["records"].values()}
 
 
 def test_a_damaged_record_makes_its_step_unusable(engine):
     state_dir = engine.state_dir
     engine.system.tasks["c"].message = "newest"
     engine.save()
-    newest = _manifest(state_dir, engine.checkpoint_step)["records"]["c"]
+    newest = checkpoint.read_manifest(state_dir, engine.checkpoint_step)["records"]["c"]
     with open(os.path.join(state_dir, checkpoint.RECORDS, f"{newest}.json"), "a") as handle:
         handle.write(" ")  # one byte more: fails its hash
     restored = checkpoint.restore(state_dir)
